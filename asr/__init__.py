@@ -1,0 +1,1 @@
+"""Speech recognition: voice activity detection and the causal streaming recogniser."""

@@ -1,0 +1,1 @@
+"""Measurement only: datasets, real-time replay, suites and reports."""

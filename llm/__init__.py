@@ -1,0 +1,1 @@
+"""Language models: backends, the fast drafter, the slow continuer, the verifier and the relay."""

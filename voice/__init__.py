@@ -1,0 +1,1 @@
+"""The session core: events, clock, audio plumbing, settings, model registry, CLI."""

