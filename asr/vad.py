@@ -1,26 +1,41 @@
-"""Silero VAD v6 over onnxruntime (no torch): speech probability per 32 ms window at 16 kHz."""
+"""Voice activity: Silero VAD v6 over onnxruntime (no torch), with WebRTC's VAD as a pre-gate.
+
+Input at any supported rate is resampled once to 16 kHz and cut into Silero's 32 ms windows.
+While nobody speaks, WebRTC's GMM VAD (microseconds per frame) decides whether Silero needs
+to look at all; once speech is under way every window goes to Silero.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import webrtcvad
 
-from voice.audio import validate_samples
+from voice.audio import Framer, StreamResampler, float32_to_pcm16, validate_samples
 from voice.onnx import onnx_session
+from voice.settings import VadSettings
 
 SAMPLE_RATE = 16000
-WINDOW = 512  # samples per call at 16 kHz (32 ms), fixed by the model
+WINDOW = 512  # samples per Silero call at 16 kHz (32 ms), fixed by the model
+WINDOW_SECONDS = WINDOW / SAMPLE_RATE
 _CONTEXT = 64  # the model expects the previous window's last 64 samples in front
+_WEBRTC_SAMPLES = 480  # WebRTC takes 10, 20 or 30 ms frames: the first 30 ms of each window
 
 
 class SileroVad:
-    """Stateful: windows must be fed in stream order; ``reset`` starts a new stream."""
+    """Stateful: windows must be fed in stream order; ``reset`` starts a new stream.
+    Streams share the ONNX session through ``fork``; each keeps its own state."""
 
-    def __init__(self, model_file: Path, threads: int = 1) -> None:
-        self._session = onnx_session(model_file, threads)
+    def __init__(self, model_file: Path | None, threads: int = 1, session: object = None) -> None:
+        self._session = session or onnx_session(model_file, threads)
         self._sr = np.array(SAMPLE_RATE, dtype=np.int64)
         self.reset()
+
+    def fork(self) -> SileroVad:
+        """A detector for another stream, sharing the loaded model."""
+        return SileroVad(None, session=self._session)
 
     def reset(self) -> None:
         self._state = np.zeros((2, 1, 128), dtype=np.float32)
@@ -37,3 +52,88 @@ class SileroVad:
         )
         self._context = x[:, -_CONTEXT:]
         return float(out[0, 0])
+
+
+@dataclass(frozen=True, slots=True)
+class VadWindow:
+    """One 32 ms window at 16 kHz and what the detector concluded after it."""
+
+    samples: np.ndarray
+    start: float  # seconds since the stream began
+    probability: float
+    speaking: bool  # state after this window
+    started: bool = False  # speech-started fires with this window
+    ended: bool = False  # speech-ended fires with this window
+    paused: bool = False  # first silent window inside speech: the end may be near
+    speech_time: float = 0.0  # with started: where speech began; with ended: where it stopped
+
+
+class VoiceActivityDetector:
+    """Turns a stream of audio chunks into VAD windows with speech start/end decisions."""
+
+    def __init__(self, model: SileroVad, settings: VadSettings, input_rate: int) -> None:
+        self._model = model
+        self._settings = settings
+        self._resampler = StreamResampler(input_rate, SAMPLE_RATE)
+        self._framer = Framer(WINDOW)
+        self._gate = webrtcvad.Vad(settings.webrtc_mode) if settings.webrtc_mode >= 0 else None
+        self._start_windows = max(1, round(settings.start_ms / 1000 / WINDOW_SECONDS))
+        self._end_windows = max(1, round(settings.hangover_ms / 1000 / WINDOW_SECONDS))
+        self.input_rate = input_rate
+        self._windows = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget speech state (not the stream position)."""
+        self._model.reset()
+        self._model_fresh = True
+        self.speaking = False
+        self._speech_run = 0
+        self._silence_run = 0
+
+    @property
+    def stream_time(self) -> float:
+        """Seconds of 16 kHz audio consumed so far."""
+        return self._windows * WINDOW_SECONDS
+
+    def process(self, samples: np.ndarray) -> list[VadWindow]:
+        samples = validate_samples(samples)
+        return [self._window(w) for w in self._framer.push(self._resampler.process(samples))]
+
+    def _gated_out(self, window: np.ndarray) -> bool:
+        if self._gate is None or self.speaking:
+            return False
+        return not self._gate.is_speech(float32_to_pcm16(window[:_WEBRTC_SAMPLES]), SAMPLE_RATE)
+
+    def _window(self, window: np.ndarray) -> VadWindow:
+        start = self.stream_time
+        self._windows += 1
+        if self._gated_out(window):
+            probability = 0.0
+            if not self._model_fresh:  # Silero's state is stale after skipped audio: start clean
+                self._model.reset()
+                self._model_fresh = True
+        else:
+            probability = self._model.probability(window)
+            self._model_fresh = False
+        s = self._settings
+        if not self.speaking:
+            self._speech_run = self._speech_run + 1 if probability >= s.threshold else 0
+            if self._speech_run >= self._start_windows:
+                self.speaking, self._silence_run = True, 0
+                began = start - (self._start_windows - 1) * WINDOW_SECONDS
+                return VadWindow(window, start, probability, True, started=True, speech_time=began)
+            return VadWindow(window, start, probability, False)
+        if probability >= s.threshold:
+            self._silence_run = 0
+            return VadWindow(window, start, probability, True)
+        if probability < s.release_threshold or self._silence_run:
+            self._silence_run += 1
+        paused = self._silence_run == 1
+        if self._silence_run >= self._end_windows:
+            self.speaking, self._speech_run = False, 0
+            stopped = start - (self._end_windows - 1) * WINDOW_SECONDS
+            return VadWindow(
+                window, start, probability, False, ended=True, paused=paused, speech_time=stopped
+            )
+        return VadWindow(window, start, probability, True, paused=paused)

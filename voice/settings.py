@@ -54,10 +54,30 @@ class AudioSettings:
 
 
 @dataclass
+class VadSettings:
+    """Silero VAD with a WebRTC pre-gate; times are multiples of its 32 ms window."""
+
+    threshold: float = 0.5  # P(speech) at or above which a window is speech
+    release_threshold: float = 0.35  # below this a window is silence (hysteresis between)
+    start_ms: int = 64  # speech needed before speech-started (ignores clicks)
+    hangover_ms: int = 96  # silence needed before speech-ended
+    webrtc_mode: int = 1  # pre-gate aggressiveness 0-3 while idle; -1 turns the gate off
+
+
+@dataclass
 class AsrSettings:
     model: Literal["asr", "asr-accurate"] = "asr"
     threads: int = 1
     language: str = "en"
+    partial_interval_ms: int = 250  # new audio between two partial transcripts
+    max_window_s: float = 6.0  # longest audio one decode sees; older committed audio is dropped
+    context_words: int = 40  # earlier transcript words given to the decoder as its prompt
+    pre_roll_ms: int = 320  # audio before the VAD's speech start that a decode still sees
+    rejoin_ms: int = 1500  # speech resuming within this pause is decoded with the audio before it
+    tail_pad_ms: int = 500  # silence appended to each window so Whisper does not invent an ending
+    max_tokens_per_second: float = 7.0  # cap on decoded length: fast speech is ~5 tokens/s
+    no_speech_threshold: float = 0.6  # with a low log-probability: the window holds no speech
+    logprob_threshold: float = -1.0
 
 
 @dataclass
@@ -89,6 +109,7 @@ class EmbeddingSettings:
 class Settings:
     models: ModelSettings = field(default_factory=ModelSettings)
     audio: AudioSettings = field(default_factory=AudioSettings)
+    vad: VadSettings = field(default_factory=VadSettings)
     asr: AsrSettings = field(default_factory=AsrSettings)
     turn: TurnSettings = field(default_factory=TurnSettings)
     llm: LlmSettings = field(default_factory=LlmSettings)

@@ -1,0 +1,167 @@
+"""The streaming recogniser's bookkeeping: which audio the next decode sees, what is committed.
+
+Decoding itself is a pure function (``WhisperDecoder.decode``) run on a worker thread; this
+class only builds requests and applies their results, on the event loop's thread, so it has
+no locks and is tested with scripted hypotheses.
+
+Compute per step is bounded by design: a decode sees at most ``max_window_s`` of audio (plus
+one partial interval); words already known inside the window are forced as a decoder prefix
+rather than generated again; older audio is trimmed away, its words becoming the prompt.
+
+Speech that resumes shortly after a pause is decoded together with the audio before the pause
+(those words forced as the prefix), so a hesitation does not cost Whisper its context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from asr.agreement import LocalAgreement
+from asr.whisper import SAMPLE_RATE, DecodeRequest, Hypothesis
+from voice.events import Word
+from voice.settings import AsrSettings
+
+_TRIM_MARGIN_S = 0.1  # audio kept before the last committed word when trimming
+
+
+def join_words(words: list[Word] | tuple[Word, ...]) -> str:
+    return "".join(w.text for w in words).strip()
+
+
+@dataclass(frozen=True)
+class PartialResult:
+    committed: list[Word]
+    tentative: list[Word]
+
+
+@dataclass(frozen=True)
+class PendingFinal:
+    """A closed segment waiting for its last decode; new speech may already have begun."""
+
+    request: DecodeRequest
+    agreement: LocalAgreement
+
+
+class StreamingRecognizer:
+    def __init__(self, settings: AsrSettings) -> None:
+        self._settings = settings
+        self._interval = int(settings.partial_interval_ms * SAMPLE_RATE / 1000)
+        self._max_window = int(settings.max_window_s * SAMPLE_RATE)
+        self._pre_roll = int(settings.pre_roll_ms * SAMPLE_RATE / 1000)
+        self._rejoin = int(settings.rejoin_ms * SAMPLE_RATE / 1000)
+        self._history: list[Word] = []  # committed words of finished segments
+        self._active = False
+        self._pending = 0  # closed segments whose final decode is not back yet
+        self._last_end = -(10**9)  # stream sample where the last segment ended
+        self._chunks: list[np.ndarray] = []
+        self._start = 0  # stream sample index of the buffer's first sample
+        self._length = 0
+        self._requested_at = 0  # buffer end when the last partial was asked for
+        self._agreement = LocalAgreement()
+        self.segment = 0  # increases with every speech segment; stale results are dropped
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @property
+    def end_sample(self) -> int:
+        return self._start + self._length
+
+    def add(self, samples: np.ndarray) -> None:
+        """Every window of the stream, speech or not: idle audio is kept for pre-roll/rejoin."""
+        self._chunks.append(samples)
+        self._length += len(samples)
+        if not self._active:
+            keep = max(self._pre_roll, self._rejoin + self._pre_roll)
+            if self._length > 2 * keep:
+                self._cut(self._length - keep)
+
+    def start_segment(self, speech_time: float) -> None:
+        """Speech began at ``speech_time`` (stream seconds); its audio was already ``add``ed."""
+        began = round(speech_time * SAMPLE_RATE)
+        rejoin = self._pending == 0 and began - self._last_end <= self._rejoin
+        if not rejoin:
+            self._cut(max(0, began - self._pre_roll - self._start))
+        self._active = True
+        self.segment += 1
+        self._agreement = LocalAgreement()
+        self._requested_at = self._start
+
+    def _cut(self, count: int) -> None:
+        """Drop the first ``count`` samples of the buffer."""
+        if count <= 0:
+            return
+        audio = self._window()[count:]
+        self._chunks, self._start, self._length = [audio], self._start + count, len(audio)
+
+    def _window(self, end_sample: int | None = None) -> np.ndarray:
+        if len(self._chunks) != 1:
+            self._chunks = [
+                np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
+            ]
+        audio = self._chunks[0]
+        stop = (
+            self._length
+            if end_sample is None
+            else max(0, min(self._length, end_sample - self._start))
+        )
+        return audio[:stop]
+
+    def _request(self, end_sample: int | None = None) -> DecodeRequest:
+        offset = self._start / SAMPLE_RATE
+        known = self._history + self._agreement.committed
+        prefix = tuple(w for w in known if w.end > offset)
+        earlier = [w for w in known if w.end <= offset][-self._settings.context_words :]
+        return DecodeRequest(self._window(end_sample).copy(), offset, join_words(earlier), prefix)
+
+    def partial_request(self) -> DecodeRequest | None:
+        """A request when a partial interval of new audio has arrived since the last one."""
+        if not self._active or self.end_sample - self._requested_at < self._interval:
+            return None
+        self._requested_at = self.end_sample
+        return self._request()
+
+    def final_request(self, end_time: float) -> DecodeRequest:
+        """Everything not yet committed, up to where speech ended (plus a small margin)."""
+        return self._request(round((end_time + _TRIM_MARGIN_S) * SAMPLE_RATE))
+
+    def apply_partial(self, segment: int, hypothesis: Hypothesis) -> PartialResult | None:
+        """Apply a partial decode, unless its segment has ended meanwhile."""
+        if segment != self.segment or not self._active:
+            return None
+        self._agreement.update(hypothesis.words)
+        self._trim()
+        return PartialResult(list(self._agreement.committed), self._agreement.tentative)
+
+    def close(self, end_time: float, request: DecodeRequest | None = None) -> PendingFinal:
+        """Speech ended: detach the segment (with ``request`` if one was already decoded
+        speculatively for this end) so that new speech can start while it is finalised."""
+        pending = PendingFinal(request or self.final_request(end_time), self._agreement)
+        self._active = False
+        self._pending += 1
+        self._last_end = round(end_time * SAMPLE_RATE)
+        return pending
+
+    def complete(self, pending: PendingFinal, hypothesis: Hypothesis) -> list[Word]:
+        """Commit the final hypothesis of a closed segment; return all of its words."""
+        pending.agreement.finish(hypothesis.words)
+        words = list(pending.agreement.committed)
+        self._history = (self._history + words)[-max(self._settings.context_words, 200) :]
+        self._pending -= 1
+        return words
+
+    def _trim(self) -> None:
+        """Keep the window bounded: drop audio before the last committed word."""
+        if self._length <= self._max_window:
+            return
+        if self._length > 2 * self._max_window:
+            # Nothing has agreed for too long: accept the current hypothesis but its last word.
+            self._agreement.force(self._agreement.tentative[:-1])
+        known = self._history + self._agreement.committed
+        cut = round((known[-1].start - _TRIM_MARGIN_S) * SAMPLE_RATE) - self._start if known else 0
+        if self._length - max(cut, 0) > 2 * self._max_window:
+            cut = self._length - self._max_window  # no words to cut at (noise?): bound it anyway
+        self._cut(cut)

@@ -1,0 +1,214 @@
+"""The ASR stage: audio frames in; speech start/end, partial and final transcripts out.
+
+VAD runs inline (a fraction of a millisecond per 32 ms window). Decodes run one at a time on
+a single worker thread so the event loop never blocks and the recogniser never takes more
+than its thread budget. The first silent window inside speech starts the final decode
+speculatively, so that when the VAD's hangover confirms the end the transcript is (nearly)
+ready; if the user goes on, that result is simply dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+
+from asr.recognizer import PendingFinal, StreamingRecognizer, join_words
+from asr.vad import SAMPLE_RATE, SileroVad, VadWindow, VoiceActivityDetector
+from asr.whisper import DecodeRequest, Hypothesis, WhisperDecoder, load_whisper
+from voice.audio import AudioFormatError, check_rate, pcm16_to_float32
+from voice.clock import Clock
+from voice.events import (
+    AudioFrame,
+    Event,
+    SpeechEnded,
+    SpeechStarted,
+    StageError,
+    TranscriptFinal,
+    TranscriptPartial,
+)
+from voice.models import resolve
+from voice.settings import Settings, VadSettings
+
+Decode = Callable[[DecodeRequest], Hypothesis]
+Emit = Callable[[Event], None]
+
+
+class AsrStage:
+    def __init__(
+        self,
+        vad: VoiceActivityDetector,
+        recognizer: StreamingRecognizer,
+        decode: Decode,
+        clock: Clock,
+        emit: Emit,
+        vad_settings: VadSettings,
+        executor: Executor | None = None,
+    ) -> None:
+        self._vad = vad
+        self._recognizer = recognizer
+        self._decode = decode
+        self._clock = clock
+        self._emit = emit
+        self._threshold = vad_settings.threshold
+        self._owns_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
+        self._busy: asyncio.Future[Hypothesis] | None = None  # the one decode in flight
+        self._pause_at: float | None = None
+        self._speculation: tuple[float, DecodeRequest, asyncio.Future[Hypothesis]] | None = None
+        self._finals: set[asyncio.Task[None]] = set()
+        self._partials: set[asyncio.Task[None]] = set()
+        self.decode_ms = 0.0  # total decoder compute, for real-time factor reports
+
+    async def push(self, frame: AudioFrame) -> None:
+        """Feed one chunk of user audio (any supported rate; resampled once here)."""
+        if len(frame.samples) == 0:
+            raise AudioFormatError("empty audio frame")
+        expected = self._vad.input_rate
+        if check_rate(frame.sample_rate) != expected:
+            raise AudioFormatError(f"frame at {frame.sample_rate} Hz; stream is at {expected} Hz")
+        for window in self._vad.process(frame.samples):
+            self._on_window(window)
+
+    async def push_pcm16(self, data: bytes, sample_rate: int) -> None:
+        """Feed little-endian PCM16 mono bytes, as transports receive them."""
+        await self.push(
+            AudioFrame(t=self._clock.now(), samples=pcm16_to_float32(data), sample_rate=sample_rate)
+        )
+
+    def _on_window(self, window: VadWindow) -> None:
+        self._recognizer.add(window.samples)
+        if window.started:
+            self._recognizer.start_segment(window.speech_time)
+            self._emit(SpeechStarted(t=self._clock.now(), audio_time=window.speech_time))
+        if window.probability >= self._threshold:
+            self._pause_at, self._speculation = None, None  # still speaking: drop any guess
+        if window.paused:
+            self._pause_at = window.start
+        if window.ended:
+            self._emit(SpeechEnded(t=self._clock.now(), audio_time=window.speech_time))
+            self._finish(window.speech_time)
+        else:
+            self._schedule()
+
+    def _run(self, request: DecodeRequest, settle: bool = True) -> asyncio.Future[Hypothesis]:
+        """Start one decode on the worker. With ``settle`` the worker counts as free again as
+        soon as it finishes; a partial instead frees it only after its result is applied, so
+        the next request sees the words it committed."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._decode, request)
+        self._busy = future
+        future.add_done_callback(self._count)
+        if settle:
+            future.add_done_callback(self._release)
+        return future
+
+    def _count(self, future: asyncio.Future[Hypothesis]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self.decode_ms += future.result().compute_ms
+
+    def _release(self, future: asyncio.Future[Hypothesis]) -> None:
+        if future is self._busy:
+            self._busy = None
+            self._schedule()
+
+    def _schedule(self) -> None:
+        """Start the next decode if the worker is free: a speculative final in a pause,
+        otherwise a partial once enough new audio has arrived."""
+        if self._busy is not None or not self._recognizer.active:
+            return
+        if self._pause_at is not None:
+            if self._speculation is None:
+                request = self._recognizer.final_request(self._pause_at)
+                self._speculation = (self._pause_at, request, self._run(request))
+            return
+        request = self._recognizer.partial_request()
+        if request is not None:
+            future = self._run(request, settle=False)
+            task = asyncio.create_task(self._partial(self._recognizer.segment, future))
+            self._partials.add(task)
+            task.add_done_callback(self._partials.discard)
+
+    async def _partial(self, segment: int, future: asyncio.Future[Hypothesis]) -> None:
+        try:
+            hypothesis = await future
+        except Exception as exc:  # a failed partial is reported; the final decode still runs
+            self._emit(
+                StageError(
+                    t=self._clock.now(), stage="asr", message=f"partial decode failed: {exc}"
+                )
+            )
+            self._release(future)
+            return
+        result = self._recognizer.apply_partial(segment, hypothesis)
+        self._release(future)
+        if result is not None:
+            self._emit(
+                TranscriptPartial(
+                    t=self._clock.now(),
+                    committed=join_words(result.committed),
+                    tentative=join_words(result.tentative),
+                    words=tuple(result.committed + result.tentative),
+                )
+            )
+
+    def _finish(self, end_time: float) -> None:
+        speculation = self._speculation
+        self._pause_at, self._speculation = None, None
+        if speculation is not None and speculation[0] == end_time:
+            pending = self._recognizer.close(end_time, speculation[1])
+            future = speculation[2]
+        else:
+            pending = self._recognizer.close(end_time)
+            future = self._run(pending.request)
+        task = asyncio.create_task(self._final(pending, future))
+        self._finals.add(task)
+        task.add_done_callback(self._finals.discard)
+
+    async def _final(self, pending: PendingFinal, future: asyncio.Future[Hypothesis]) -> None:
+        try:
+            hypothesis = await future
+        except Exception as exc:  # keep the words already committed rather than lose the turn
+            self._emit(
+                StageError(t=self._clock.now(), stage="asr", message=f"final decode failed: {exc}")
+            )
+            hypothesis = Hypothesis([])
+        words = self._recognizer.complete(pending, hypothesis)
+        self._emit(
+            TranscriptFinal(
+                t=self._clock.now(),
+                text=join_words(words),
+                words=tuple(words),
+                compute_ms=hypothesis.compute_ms,
+            )
+        )
+
+    async def flush(self) -> None:
+        """End of input: close an open segment and wait until every transcript is out."""
+        if self._recognizer.active:
+            end = self._vad.stream_time
+            self._emit(SpeechEnded(t=self._clock.now(), audio_time=end))
+            self._vad.reset()
+            self._finish(end)
+        while self._finals or self._partials:
+            await asyncio.gather(*self._finals, *self._partials)
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._owns_executor:
+            self._executor.shutdown(wait=True)
+
+
+class AsrModels:
+    """The recogniser's models, loaded once and shared by every stream."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.vad = SileroVad(resolve("vad", settings).path)
+        whisper = load_whisper(resolve(settings.asr.model, settings).path, settings.asr.threads)
+        self.decoder = WhisperDecoder(whisper, settings.asr)
+
+    def stage(self, clock: Clock, emit: Emit, input_rate: int = SAMPLE_RATE) -> AsrStage:
+        """A fresh stage for one audio stream at ``input_rate``."""
+        s = self.settings
+        vad = VoiceActivityDetector(self.vad.fork(), s.vad, input_rate)
+        return AsrStage(vad, StreamingRecognizer(s.asr), self.decoder.decode, clock, emit, s.vad)
