@@ -22,6 +22,7 @@ WINDOW = 512  # samples per Silero call at 16 kHz (32 ms), fixed by the model
 WINDOW_SECONDS = WINDOW / SAMPLE_RATE
 _CONTEXT = 64  # the model expects the previous window's last 64 samples in front
 _WEBRTC_SAMPLES = 480  # WebRTC takes 10, 20 or 30 ms frames: the first 30 ms of each window
+_GATE_BELOW = 0.1  # Silero's last P(speech) must be under this for WebRTC to skip a window
 
 
 class SileroVad:
@@ -86,7 +87,8 @@ class VoiceActivityDetector:
     def reset(self) -> None:
         """Forget speech state (not the stream position)."""
         self._model.reset()
-        self._model_fresh = True
+        self._last_probability = 0.0
+        self.gated_windows = 0
         self.speaking = False
         self._speech_run = 0
         self._silence_run = 0
@@ -101,7 +103,9 @@ class VoiceActivityDetector:
         return [self._window(w) for w in self._framer.push(self._resampler.process(samples))]
 
     def _gated_out(self, window: np.ndarray) -> bool:
-        if self._gate is None or self.speaking:
+        """Skip Silero only while it is sure nobody speaks and WebRTC hears nothing either.
+        WebRTC misses quiet onsets (phone speech), so it never gates on its own."""
+        if self._gate is None or self.speaking or self._last_probability >= _GATE_BELOW:
             return False
         return not self._gate.is_speech(float32_to_pcm16(window[:_WEBRTC_SAMPLES]), SAMPLE_RATE)
 
@@ -110,12 +114,10 @@ class VoiceActivityDetector:
         self._windows += 1
         if self._gated_out(window):
             probability = 0.0
-            if not self._model_fresh:  # Silero's state is stale after skipped audio: start clean
-                self._model.reset()
-                self._model_fresh = True
+            self.gated_windows += 1
         else:
             probability = self._model.probability(window)
-            self._model_fresh = False
+        self._last_probability = probability
         s = self._settings
         if not self.speaking:
             self._speech_run = self._speech_run + 1 if probability >= s.threshold else 0

@@ -1,7 +1,7 @@
 """`relayvoice eval asr`: the streaming recogniser on real speech, paced in real time.
 
 Each utterance is streamed in 20 ms frames, each frame handed over only once it would have
-been fully recorded (the real clock), after 0.3 s of lead silence and followed by 1 s of
+been fully recorded (the real clock), after 0.2 s of lead silence and followed by 1 s of
 silence, through the same ``AsrModels.stage`` a session uses. Measured per utterance:
 the finals (WER), when the last final arrived relative to the true end of speech, every
 partial (interval, and how many of its words the final changed), and decoder compute (RTF).
@@ -29,10 +29,10 @@ from voice.clock import RealClock
 from voice.events import AudioFrame, Event, TranscriptFinal, TranscriptPartial
 from voice.settings import Settings
 
-LEAD_S = 0.3
+LEAD_S = 0.2
 TAIL_S = 1.0
 FRAME_S = 0.02
-QUICK_ASTERISK = 22
+QUICK_ASTERISK = 12
 
 
 @dataclass
@@ -172,7 +172,7 @@ async def evaluate(
         for (a, _), (b, _) in zip(r.partials, r.partials[1:], strict=False)
     ]
     audio_seconds = sum(u.seconds for u in utterances)
-    encoder_actual, encoder_padded = encoder_cost(models, utterances[:20])
+    encoder_actual, encoder_padded = encoder_cost(models, utterances[:10])
     by_source = {
         source: _wer(
             [u.text for u in utterances if u.source == source],

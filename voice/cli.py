@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     suites = evaluate.add_subparsers(dest="suite", required=True)
     asr = suites.add_parser("asr", help="streaming ASR: WER, latency, partials, real-time factor")
-    asr.add_argument("--quick", action="store_true", help="a fixed subset of ~40 utterances")
+    asr.add_argument(
+        "--quick", action="store_true", help="a fixed subset of 30 utterances (~3 min)"
+    )
     asr.add_argument(
         "--fast", action="store_true", help="no real-time pacing (latencies meaningless)"
     )

@@ -60,7 +60,7 @@ class VadSettings:
     threshold: float = 0.5  # P(speech) at or above which a window is speech
     release_threshold: float = 0.35  # below this a window is silence (hysteresis between)
     start_ms: int = 64  # speech needed before speech-started (ignores clicks)
-    hangover_ms: int = 96  # silence needed before speech-ended
+    hangover_ms: int = 64  # silence before speech-ended (a pause, not yet a turn end)
     webrtc_mode: int = 1  # pre-gate aggressiveness 0-3 while idle; -1 turns the gate off
 
 

@@ -1,0 +1,62 @@
+"""The real recogniser (Silero + Whisper tiny.en) on real speech, silence and noise."""
+
+import asyncio
+import itertools
+
+import jiwer
+import numpy as np
+import pytest
+
+from asr.stage import AsrModels
+from eval.asr import replay
+from eval.datasets import Utterance, librivox
+from eval.text import normalize
+from voice.clock import RealClock
+from voice.events import AudioFrame, SpeechEnded, TranscriptFinal, TranscriptPartial
+from voice.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def models() -> AsrModels:
+    return AsrModels(Settings.load(env={}))
+
+
+def test_streams_a_librivox_sentence_with_partials_before_the_end(models):
+    sentence = next(u for u in librivox() if u.id.endswith("0870"))  # 7 s, 22 words
+    events = []
+
+    async def main():
+        clock = RealClock()
+        stage = models.stage(clock, events.append, sentence.sample_rate)
+        audio = np.concatenate([sentence.audio, np.zeros(sentence.sample_rate, np.float32)])
+        step, start = sentence.sample_rate // 50, clock.now()
+        for i in range(0, len(audio), step):
+            await clock.sleep_until(start + (i + step) / sentence.sample_rate)  # real time
+            await stage.push(
+                AudioFrame(t=clock.now(), samples=audio[i : i + step], sample_rate=16000)
+            )
+        await stage.close()
+
+    asyncio.run(main())
+    finals = [e.text for e in events if isinstance(e, TranscriptFinal)]
+    error = jiwer.wer(normalize(sentence.text), normalize(" ".join(finals)))
+    assert error <= 0.15, (finals, error)
+    first_end = next(i for i, e in enumerate(events) if isinstance(e, SpeechEnded))
+    partials = [e for e in events[:first_end] if isinstance(e, TranscriptPartial)]
+    assert len(partials) >= 5 and any(p.committed for p in partials)
+    words = [w for e in events if isinstance(e, TranscriptFinal) for w in e.words]
+    assert all(a.start <= b.start for a, b in itertools.pairwise(words))  # timestamps kept
+
+
+@pytest.mark.parametrize("kind", ["silence", "white noise"])
+def test_ten_seconds_of_silence_or_noise_give_no_text(models, kind):
+    rng = np.random.default_rng(7)
+    audio = (
+        np.zeros(160_000, np.float32)
+        if kind == "silence"
+        else rng.normal(0, 0.1, 160_000).astype(np.float32)
+    )
+    result = asyncio.run(replay(models, Utterance(kind, audio, 16000, "", "test"), paced=False))
+    assert result.transcript == ""
