@@ -12,6 +12,7 @@ model and greedy decoding.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import sys
 import time
@@ -167,9 +168,7 @@ async def evaluate(
     references = [u.text for u in utterances]
     latencies = [(r.finals[-1][0] - r.true_end) * 1000 for r in replays if r.finals]
     intervals = [
-        (b - a) * 1000
-        for r in replays
-        for (a, _), (b, _) in zip(r.partials, r.partials[1:], strict=False)
+        (b - a) * 1000 for r in replays for (a, _), (b, _) in itertools.pairwise(r.partials)
     ]
     audio_seconds = sum(u.seconds for u in utterances)
     encoder_actual, encoder_padded = encoder_cost(models, utterances[:10])
