@@ -24,15 +24,15 @@ import numpy as np
 
 from asr.stage import AsrModels
 from eval.datasets import Utterance, asterisk, librivox, phone_call
+from eval.replay import stream
 from eval.text import normalize
 from voice.audio import resample
 from voice.clock import RealClock
-from voice.events import AudioFrame, Event, TranscriptFinal, TranscriptPartial
+from voice.events import Event, TranscriptFinal, TranscriptPartial
 from voice.settings import Settings
 
 LEAD_S = 0.2
 TAIL_S = 1.0
-FRAME_S = 0.02
 QUICK_ASTERISK = 12
 
 
@@ -80,12 +80,8 @@ async def replay(models: AsrModels, utterance: Utterance, paced: bool = True) ->
             shown_before = result.transcript
 
     stage = models.stage(clock, collect, rate)
-    step = int(FRAME_S * rate)
     start = clock.now()
-    for i in range(0, len(audio), step):
-        if paced:  # a frame exists only once it has been recorded
-            await clock.sleep_until(start + (i + step) / rate)
-        await stage.push(AudioFrame(t=clock.now(), samples=audio[i : i + step], sample_rate=rate))
+    await stream(clock, start, audio, rate, stage.push, paced)
     await stage.close()
     result.decode_ms = stage.decode_ms
     return result

@@ -1,7 +1,12 @@
-"""Shared fixtures. `slow` tests run only with RELAYVOICE_SLOW=1 (CI sets it when time allows)."""
+"""Shared fixtures. `slow` tests run only with RELAYVOICE_SLOW=1 (CI sets it when time allows).
+
+``async def`` tests run on a fresh event loop each (no plugin needed for that).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 
 import pytest
@@ -14,3 +19,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    if not inspect.iscoroutinefunction(pyfuncitem.obj):
+        return None
+    names = pyfuncitem._fixtureinfo.argnames
+    asyncio.run(pyfuncitem.obj(**{name: pyfuncitem.funcargs[name] for name in names}))
+    return True

@@ -10,9 +10,10 @@ import pytest
 from asr.stage import AsrModels
 from eval.asr import replay
 from eval.datasets import Utterance, librivox
+from eval.replay import stream
 from eval.text import normalize
 from voice.clock import RealClock
-from voice.events import AudioFrame, SpeechEnded, TranscriptFinal, TranscriptPartial
+from voice.events import SpeechEnded, TranscriptFinal, TranscriptPartial
 from voice.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -31,12 +32,7 @@ def test_streams_a_librivox_sentence_with_partials_before_the_end(models):
         clock = RealClock()
         stage = models.stage(clock, events.append, sentence.sample_rate)
         audio = np.concatenate([sentence.audio, np.zeros(sentence.sample_rate, np.float32)])
-        step, start = sentence.sample_rate // 50, clock.now()
-        for i in range(0, len(audio), step):
-            await clock.sleep_until(start + (i + step) / sentence.sample_rate)  # real time
-            await stage.push(
-                AudioFrame(t=clock.now(), samples=audio[i : i + step], sample_rate=16000)
-            )
+        await stream(clock, clock.now(), audio, sentence.sample_rate, stage.push)  # real time
         await stage.close()
 
     asyncio.run(main())

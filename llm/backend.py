@@ -1,0 +1,172 @@
+"""Language-model backends behind one small interface.
+
+A backend streams the assistant's reply token by token, each with the signals a verifier
+needs (log-probability of the chosen token, entropy of the whole next-token distribution, and
+the top-1/top-2 margin). It can continue a reply that is already partly written (the committed
+prefix) and pre-fill a prompt's KV cache while the user is still speaking. Closing the stream
+cancels generation within one token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import llama_cpp
+import numpy as np
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from llm.llama import load_llama
+
+Role = Literal["system", "user", "assistant"]
+
+
+class BackendError(RuntimeError):
+    """The model could not produce a reply (crashed, timed out, unreachable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    text: str
+    logprob: float  # of the chosen token
+    entropy: float  # of the next-token distribution, nats
+    margin: float  # log-probability of the best token minus the second best
+
+
+class Backend(Protocol):
+    name: str
+
+    async def prefill(self, messages: Sequence[Message]) -> None:
+        """Evaluate the prompt for ``messages`` now, so that a reply to it starts sooner."""
+        ...
+
+    def stream(
+        self, messages: Sequence[Message], assistant_prefix: str = "", max_tokens: int = 64
+    ) -> AsyncIterator[Token]:
+        """The reply to ``messages``, continuing ``assistant_prefix`` when one is given."""
+        ...
+
+
+def token_signals(logits: np.ndarray, token: int) -> tuple[float, float, float]:
+    """(log-probability of ``token``, entropy, top-1/top-2 margin) from raw logits."""
+    shifted = logits - logits.max()
+    log_probs = shifted - np.log(np.exp(shifted).sum())
+    top2 = np.partition(log_probs, -2)[-2:]
+    entropy = float(-(np.exp(log_probs) * log_probs).sum())
+    return float(log_probs[token]), entropy, float(top2[1] - top2[0])
+
+
+class LlamaBackend:
+    """A GGUF model in-process through llama-cpp-python; greedy decoding on one worker thread.
+
+    One llama.cpp context serves one request at a time (its KV cache is the prompt cache), so
+    requests queue on the worker; a new prompt that shares a prefix with the last one only
+    evaluates the new tokens.
+    """
+
+    def __init__(self, name: str, model_file: Path, threads: int, context_tokens: int) -> None:
+        self.name = name
+        self._llm = load_llama(model_file, threads, context_tokens)
+        self._formatter = Jinja2ChatFormatter(
+            self._llm.metadata["tokenizer.chat_template"], eos_token="", bos_token=""
+        )
+        end_of_turn = self._llm.tokenize(b"<|im_end|>", add_bos=False, special=True)
+        self._end_tokens = {self._llm.token_eos(), *(end_of_turn if len(end_of_turn) == 1 else ())}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{name}")
+        self._context = context_tokens
+
+    def prompt_tokens(
+        self, messages: Sequence[Message], assistant_prefix: str, reserve: int
+    ) -> list[int]:
+        """The chat-formatted prompt, oldest turns dropped (and, if need be, the start of the
+        last message cut) so that it leaves ``reserve`` tokens of room in the context."""
+        budget = self._context - reserve
+        messages = list(messages)
+        while True:
+            text = self._formatter(
+                messages=[{"role": m.role, "content": m.content} for m in messages]
+            ).prompt
+            tokens = self._llm.tokenize((text + assistant_prefix).encode(), False, True)
+            if len(tokens) <= budget:
+                return tokens
+            droppable = [i for i, m in enumerate(messages[:-1]) if m.role != "system"]
+            if droppable:
+                del messages[droppable[0]]
+                continue
+            last = messages[-1]
+            words = last.content.split()
+            if len(words) <= 1:
+                raise BackendError(f"prompt does not fit in {self._context} tokens")
+            messages[-1] = Message(role=last.role, content=" ".join(words[len(words) // 4 :]))
+
+    async def prefill(self, messages: Sequence[Message]) -> None:
+        tokens = self.prompt_tokens(messages, "", reserve=256)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._evaluate, tokens)
+
+    def _evaluate(self, tokens: list[int]) -> None:
+        generator = self._llm.generate(tokens, top_k=1, temp=0.0, reset=True)
+        next(generator)  # evaluates the prompt (reusing the cached prefix) and samples once
+        generator.close()
+
+    async def stream(
+        self, messages: Sequence[Message], assistant_prefix: str = "", max_tokens: int = 64
+    ) -> AsyncIterator[Token]:
+        tokens = self.prompt_tokens(messages, assistant_prefix, reserve=max_tokens + 8)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Token | BaseException | None] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def put(item: Token | BaseException | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                self._generate(tokens, max_tokens, cancelled, put)
+                put(None)
+            except Exception as exc:
+                put(BackendError(f"{self.name}: {exc}"))
+
+        future = loop.run_in_executor(self._executor, work)
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()  # stops generation within one token
+            await asyncio.shield(future)
+
+    def _generate(
+        self,
+        tokens: list[int],
+        max_tokens: int,
+        cancelled: threading.Event,
+        put: Callable[[Token], None],
+    ) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocabulary = self._llm.n_vocab()
+        for count, token in enumerate(self._llm.generate(tokens, top_k=1, temp=0.0, reset=True)):
+            if cancelled.is_set() or token in self._end_tokens or count >= max_tokens:
+                return
+            pointer = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+            logits = np.ctypeslib.as_array(pointer, shape=(vocabulary,))
+            logprob, entropy, margin = token_signals(logits, token)
+            text = decoder.decode(self._llm.detokenize([token]))
+            put(Token(text=text, logprob=logprob, entropy=entropy, margin=margin))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._llm.close()

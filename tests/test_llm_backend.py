@@ -1,0 +1,74 @@
+"""The embedded llama.cpp backend on the real draft model (SmolLM2-135M)."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from llm.backend import LlamaBackend, Message, token_signals
+from voice.models import resolve
+from voice.settings import Settings
+
+QUESTION = [
+    Message(role="system", content="You are a friendly voice assistant. Reply briefly."),
+    Message(role="user", content="Do you like football?"),
+]
+
+
+def test_token_signals_from_logits():
+    logprob, entropy, margin = token_signals(np.log(np.array([0.5, 0.25, 0.25])), 1)
+    assert logprob == pytest.approx(np.log(0.25))
+    assert entropy == pytest.approx(-(0.5 * np.log(0.5) + 0.5 * np.log(0.25)))
+    assert margin == pytest.approx(np.log(2))
+
+
+@pytest.fixture(scope="module")
+def backend() -> LlamaBackend:
+    settings = Settings.load(env={})
+    backend = LlamaBackend("draft", resolve("draft-llm", settings).path, 1, 1024)
+    yield backend
+    backend.close()
+
+
+async def collect(backend: LlamaBackend, messages, prefix="", limit=24, stop_after=None):
+    tokens = []
+    async for token in backend.stream(messages, prefix, limit):
+        tokens.append(token)
+        if stop_after is not None and len(tokens) == stop_after:
+            break
+    return tokens
+
+
+@pytest.mark.integration
+def test_streams_a_reply_with_verifier_signals(backend):
+    tokens = asyncio.run(collect(backend, QUESTION))
+    assert 0 < len(tokens) <= 24 and "".join(t.text for t in tokens).strip()
+    assert all(t.logprob <= 0 and t.entropy >= 0 and t.margin >= 0 for t in tokens)
+
+
+@pytest.mark.integration
+def test_continues_a_committed_prefix_without_repeating_it(backend):
+    async def main():
+        await backend.prefill(QUESTION)
+        return await collect(backend, QUESTION, prefix="Yes, I love", limit=12)
+
+    text = "".join(t.text for t in asyncio.run(main()))
+    assert text and not text.strip().lower().startswith("yes, i love")
+
+
+@pytest.mark.integration
+def test_closing_the_stream_cancels_and_the_backend_stays_usable(backend):
+    async def main():
+        first = await collect(backend, QUESTION, limit=200, stop_after=2)
+        second = await collect(backend, QUESTION, limit=5)
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert len(first) == 2 and 0 < len(second) <= 5
+
+
+@pytest.mark.integration
+def test_a_transcript_too_long_for_the_context_is_cut_from_the_start(backend):
+    long = [Message(role="user", content="word " * 3000 + "What is your name?")]
+    assert len(asyncio.run(collect(backend, long, limit=4))) <= 4  # runs; no context overflow
+    assert len(backend.prompt_tokens(long, "", reserve=64)) <= 1024 - 64
