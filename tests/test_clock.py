@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from voice.clock import RealClock, VirtualClock
+from voice.clock import RealClock, VirtualClock, wait_for
 
 
 def run(coro):
@@ -94,3 +94,29 @@ def test_real_clock_is_monotonic_and_sleeps():
         assert clock.now() >= before
 
     run(main())
+
+
+async def test_wait_for_times_out_on_virtual_time_and_cancels_the_work():
+    clock = VirtualClock()
+    cancelled = asyncio.Event()
+
+    async def slow() -> str:
+        try:
+            await clock.sleep(10)
+            return "late"
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def quick() -> str:
+        await clock.sleep(1)
+        return "done"
+
+    task = asyncio.create_task(wait_for(clock, slow(), 2.0))
+    await clock.advance(2.0)
+    with pytest.raises(TimeoutError, match="nothing within 2 s"):
+        await task
+    assert cancelled.is_set()
+    task = asyncio.create_task(wait_for(clock, quick(), 2.0))
+    await clock.advance(1.0)
+    assert await task == "done"

@@ -11,7 +11,10 @@ import asyncio
 import heapq
 import itertools
 import time
-from typing import Protocol
+from collections.abc import Awaitable
+from typing import Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -94,3 +97,24 @@ async def settle(rounds: int = 20) -> None:
     """Let the event loop run every callback that is ready (a few passes, no real time)."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+async def wait_for(clock: Clock, awaitable: Awaitable[T], timeout: float) -> T:
+    """``asyncio.wait_for`` on ``clock``'s time, so that a virtual clock drives timeouts too.
+
+    Raises TimeoutError (and cancels the awaitable) when ``timeout`` seconds pass first."""
+    work = asyncio.ensure_future(awaitable)
+    timer = asyncio.ensure_future(clock.sleep(timeout))
+    try:
+        await asyncio.wait({work, timer}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)  # let it unwind before we do
+        raise
+    finally:
+        timer.cancel()
+    if not work.done():
+        work.cancel()
+        await asyncio.gather(work, return_exceptions=True)
+        raise TimeoutError(f"nothing within {timeout:g} s")
+    return work.result()

@@ -82,6 +82,18 @@ class AsrSettings:
 
 @dataclass
 class LlmSettings:
+    mode: Literal["relay", "cascaded", "fast"] = "relay"  # cascaded: slow model alone
+    system_prompt: str = (
+        "You are a friendly voice assistant in a spoken conversation. Answer in one to three "
+        "short sentences of plain spoken English: no lists, no markdown, no emoji."
+    )
+    max_reply_tokens: int = 80
+    first_token_timeout_s: float = 5.0  # a backend silent this long ends the reply (with a reason)
+    token_timeout_s: float = 2.0  # the same, between two tokens
+    final_transcript_wait_s: float = 1.0  # the slow path waits this long for the final transcript
+    draft_max_words: int = 5  # a prefix ends at its first punctuation or after this many words
+    draft_max_tokens: int = 12
+    draft_history_turns: int = 2  # earlier exchanges the drafter sees (it is small; keep it short)
     draft_model: Literal["draft-llm", "small-llm"] = "draft-llm"
     slow_model: Literal["slow-llm", "small-llm"] = "slow-llm"
     draft_threads: int = 1
@@ -91,6 +103,20 @@ class LlmSettings:
 
 @dataclass
 class TurnSettings:
+    """End of turn: silence after speech, the longer the less P(complete) the models give.
+
+    Silence is counted from where the VAD heard speech stop. The turn ends after
+    ``min_silence_ms + (max_silence_ms - min_silence_ms) * (1 - p) ** silence_curve`` of it,
+    where p fuses the audio model (intonation) and the text model (wording).
+    """
+
+    mode: Literal["adaptive", "fixed"] = "adaptive"  # fixed: plain VAD timeout, no models
+    fixed_silence_ms: int = 800  # the timeout in fixed mode (pipecat's default VAD stop)
+    audio_weight: float = 0.5  # share of the audio model in p; the text model has the rest
+    maybe_threshold: float = 0.5  # p at a pause from which turn-maybe-ended fires
+    min_silence_ms: int = 100  # what a certain p = 1 still waits
+    max_silence_ms: int = 1500  # hard maximum, whatever the models say
+    silence_curve: float = 2.0  # > 1: a fairly confident p already waits little
     audio_model_threads: int = 1
 
 

@@ -1,0 +1,66 @@
+"""The fast drafter: the first few words of the reply, cut at a natural break.
+
+The prefix is spoken before the slow model has read the question, so it must be safe to
+commit: an acknowledgement and the start of an answer, never a fact that might have to be
+taken back. The prompt asks for that; the verifier checks it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+
+from llm.backend import Backend, Message, Token
+from llm.relay import Draft
+from voice.settings import LlmSettings
+
+DRAFT_INSTRUCTION = (
+    " Start every reply with a short, natural opener that fits what the user said, such as "
+    "an acknowledgement, before any facts."
+)
+_BREAK = re.compile(r"[,.!?;:]")
+_WORD = re.compile(r"\S+")
+
+
+def natural_break(text: str, max_words: int) -> int | None:
+    """Where a prefix of ``text`` may end: just after the first punctuation mark that follows
+    a word, or after ``max_words`` words once the next one has begun. None: not yet."""
+    words = list(_WORD.finditer(text))
+    for word in words[:max_words]:
+        mark = _BREAK.search(word.group())
+        if mark and word.group()[: mark.start()].strip("\"'"):
+            return word.start() + mark.end()
+    if len(words) > max_words:
+        return words[max_words - 1].end()
+    return None
+
+
+class LlamaDrafter:
+    def __init__(self, backend: Backend, settings: LlmSettings) -> None:
+        self._backend = backend
+        self._settings = settings
+
+    def messages(self, history: Sequence[Message], transcript: str) -> list[Message]:
+        system, *turns = history
+        return [
+            Message(role="system", content=system.content + DRAFT_INSTRUCTION),
+            *turns[-2 * self._settings.draft_history_turns :],
+            Message(role="user", content=transcript),
+        ]
+
+    async def draft(self, history: Sequence[Message], transcript: str) -> Draft:
+        text, tokens = "", []
+        stream = self._backend.stream(
+            self.messages(history, transcript), max_tokens=self._settings.draft_max_tokens
+        )
+        async for token in stream:
+            tokens.append(token)
+            text += token.text
+            cut = natural_break(text.lstrip(), self._settings.draft_max_words)
+            if cut is not None:
+                text = text.lstrip()[:cut]
+                break
+        return Draft(transcript=transcript, text=text.strip(), tokens=tuple(tokens))
+
+    def stream(self, messages: Sequence[Message]) -> AsyncIterator[Token]:
+        return self._backend.stream(messages, max_tokens=self._settings.max_reply_tokens)

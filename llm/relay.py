@@ -1,0 +1,284 @@
+"""The dual-path speculative responder (RelayS2S): a fast draft, a verifier, a slow continuation.
+
+On ``TurnMaybeEnded`` the drafter speculatively writes the first few words of the reply from
+the transcript so far, and the slow model pre-fills its prompt. ``TurnResumed`` throws that
+away. On ``TurnEnded`` the draft (the speculative one when the transcript has not changed) is
+scored by the verifier: accepted, it goes out at once as the ``prefix``, and the slow model
+continues the reply from it (assistant pre-fill) once the final transcript is known; rejected,
+the slow model answers alone (``full``). Mode ``cascaded`` is the slow model alone and mode
+``fast`` the drafter alone, for comparison.
+
+Every reply ends with exactly one ``ResponseDone``; a backend that fails or stalls ends the
+reply early with a ``StageError`` saying why, and the conversation goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from llm.backend import BackendError, Message, Token
+from voice.clock import Clock, wait_for
+from voice.events import (
+    Event,
+    Metric,
+    ResponseDone,
+    ResponseSource,
+    ResponseTextDelta,
+    StageError,
+    TurnEnded,
+    TurnMaybeEnded,
+    TurnResumed,
+    TurnTranscript,
+)
+from voice.settings import LlmSettings
+
+Emit = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class Draft:
+    transcript: str  # what the user had said when it was drafted
+    text: str  # the prefix, ending at a natural break
+    tokens: tuple[Token, ...]
+
+
+class Drafter(Protocol):
+    async def draft(self, history: Sequence[Message], transcript: str) -> Draft: ...
+
+    def stream(self, messages: Sequence[Message]) -> AsyncIterator[Token]:
+        """A whole reply from the fast model (mode ``fast``)."""
+        ...
+
+
+class Verifier(Protocol):
+    def accept(self, history: Sequence[Message], draft: Draft) -> bool: ...
+
+
+class Continuer(Protocol):
+    async def prefill(self, messages: Sequence[Message]) -> None: ...
+
+    def stream(
+        self, messages: Sequence[Message], assistant_prefix: str = "", max_tokens: int = 64
+    ) -> AsyncIterator[Token]: ...
+
+
+_WORD = re.compile(r"[\w']+")
+_SEAM_WORDS = 4  # continuation words held back to check the seam
+
+
+def strip_seam(prefix: str, continuation: str) -> str:
+    """Drop words at the start of ``continuation`` that repeat the end of ``prefix``.
+
+    The slow model sometimes restarts the committed words ("Yes, I love" + "love it, ...");
+    the user must hear them once."""
+    before = [w.lower() for w in _WORD.findall(prefix)]
+    after = list(_WORD.finditer(continuation))
+    for k in range(min(len(before), len(after)), 0, -1):
+        if before[-k:] == [m.group().lower() for m in after[:k]]:
+            return continuation[after[k - 1].end() :]
+    return continuation
+
+
+def _seam(prefix: str, continuation: str) -> str:
+    """What to say after ``prefix``: the continuation without repeats, spaced correctly."""
+    rest = strip_seam(prefix, continuation)
+    needs_space = rest[:1].isalnum() and prefix[-1:] not in ("", " ", "\n")
+    return " " + rest if needs_space else rest
+
+
+class Relay:
+    def __init__(
+        self,
+        settings: LlmSettings,
+        drafter: Drafter,
+        verifier: Verifier,
+        continuer: Continuer,
+        clock: Clock,
+        emit: Emit,
+    ) -> None:
+        self._settings = settings
+        self._drafter = drafter
+        self._verifier = verifier
+        self._continuer = continuer
+        self._clock = clock
+        self._emit = emit
+        self.history: list[Message] = [Message(role="system", content=settings.system_prompt)]
+        self._speculation: tuple[str, asyncio.Task[Draft]] | None = None
+        self._reply: asyncio.Task[None] | None = None
+        self._final: asyncio.Future[str] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self.turn_id = 0
+
+    def on_event(self, event: Event) -> None:
+        if isinstance(event, TurnMaybeEnded) and self._settings.mode == "relay":
+            self._speculate(event.transcript)
+        elif isinstance(event, TurnResumed):
+            self._drop_speculation()
+        elif isinstance(event, TurnEnded):
+            self._start_reply(event)
+        elif isinstance(event, TurnTranscript) and self._final and not self._final.done():
+            self._final.set_result(event.transcript)
+
+    def _speculate(self, transcript: str) -> None:
+        self._drop_speculation()
+        task = asyncio.create_task(self._drafter.draft(list(self.history), transcript))
+        self._speculation = (transcript, task)
+        prefill = asyncio.create_task(self._prefill(transcript))
+        self._background.add(prefill)
+        prefill.add_done_callback(self._background.discard)
+
+    async def _prefill(self, transcript: str) -> None:
+        try:
+            await self._continuer.prefill([*self.history, Message(role="user", content=transcript)])
+        except BackendError as exc:  # only speed is lost
+            self._error(f"slow pre-fill failed: {exc}")
+
+    def _drop_speculation(self) -> None:
+        if self._speculation is not None:
+            self._speculation[1].cancel()
+            self._speculation = None
+
+    def _start_reply(self, event: TurnEnded) -> None:
+        self.cancel()  # a new turn supersedes whatever was still being said
+        self.turn_id += 1
+        self._final = asyncio.get_running_loop().create_future()
+        self._reply = asyncio.create_task(self._respond(self.turn_id, event))
+
+    def cancel(self) -> None:
+        """Stop the reply in progress (the user interrupted)."""
+        if self._reply is not None and not self._reply.done():
+            self._reply.cancel()
+        self._reply = None
+
+    def truncate_last_reply(self, heard: str) -> None:
+        """Keep in history only what the user actually heard of the last reply."""
+        if self.history and self.history[-1].role == "assistant":
+            self.history[-1] = Message(role="assistant", content=heard)
+
+    async def wait(self) -> None:
+        """Until the reply in progress is done (for tests and offline evaluation)."""
+        if self._reply is not None:
+            await asyncio.gather(self._reply, return_exceptions=True)
+
+    async def _transcript(self, event: TurnEnded) -> str:
+        """The final transcript: it may still be on its way when the turn ends."""
+        assert self._final is not None
+        try:
+            wait = self._settings.final_transcript_wait_s
+            return await wait_for(self._clock, asyncio.shield(self._final), wait)
+        except TimeoutError:
+            return event.transcript
+
+    async def _respond(self, turn: int, event: TurnEnded) -> None:
+        started, said = self._clock.now(), ""
+        try:
+            if self._settings.mode == "fast":
+                messages = [
+                    *self.history,
+                    Message(role="user", content=await self._transcript(event)),
+                ]
+                said = await self._say(turn, "full", self._drafter.stream(messages))
+            else:
+                draft = await self._draft(event.transcript)
+                if draft is not None:
+                    said = draft.text
+                    self._delta(turn, said, "prefix")
+                    self._metric(turn, "prefix_ms", started)
+                messages = [
+                    *self.history,
+                    Message(role="user", content=await self._transcript(event)),
+                ]
+                stream = self._continuer.stream(messages, said, self._settings.max_reply_tokens)
+                said += await self._say(turn, "continuation" if said else "full", stream, said)
+        except asyncio.CancelledError:
+            self._finish(turn, event, said, cancelled=True)
+            raise
+        self._finish(turn, event, said, cancelled=False)
+
+    async def _draft(self, transcript: str) -> Draft | None:
+        """The verified prefix, or None when the slow model should answer alone."""
+        if self._settings.mode != "relay":
+            return None
+        speculation, self._speculation = self._speculation, None
+        try:
+            if speculation is not None and speculation[0] == transcript:
+                draft = await speculation[1]
+            else:
+                if speculation is not None:
+                    speculation[1].cancel()
+                draft = await self._drafter.draft(list(self.history), transcript)
+        except BackendError as exc:
+            self._error(f"draft failed, slow path answers alone: {exc}")
+            return None
+        if not draft.text.strip() or not self._verifier.accept(self.history, draft):
+            return None
+        return draft
+
+    async def _say(
+        self, turn: int, source: ResponseSource, tokens: AsyncIterator[Token], after: str = ""
+    ) -> str:
+        """Forward a token stream as text deltas and return the text sent. After a committed
+        prefix the first few words are held back until the seam is clean. A backend that
+        fails or stalls ends the reply where it is, with a StageError saying why."""
+        pending, sent, seam_open = "", "", bool(after)
+        timeout = self._settings.first_token_timeout_s
+        try:
+            while (token := await self._next(tokens, timeout)) is not None:
+                timeout = self._settings.token_timeout_s
+                pending += token.text
+                if seam_open:
+                    if len(_WORD.findall(pending)) < _SEAM_WORDS:
+                        continue
+                    pending, seam_open = _seam(after, pending), False
+                sent += self._send(turn, source, pending, first=not sent and not after)
+                pending = ""
+        except (BackendError, TimeoutError) as exc:
+            self._error(f"reply {turn} ended early: {exc}")
+            return sent
+        finally:
+            await tokens.aclose()  # type: ignore[attr-defined]
+        if seam_open:
+            pending = _seam(after, pending)
+        return sent + self._send(turn, source, pending, first=not sent and not after)
+
+    async def _next(self, tokens: AsyncIterator[Token], timeout: float) -> Token | None:
+        try:
+            return await wait_for(self._clock, anext(tokens), timeout)
+        except StopAsyncIteration:
+            return None
+
+    def _send(self, turn: int, source: ResponseSource, text: str, first: bool) -> str:
+        text = text.lstrip() if first else text
+        if text:
+            self._delta(turn, text, source)
+        return text
+
+    def _finish(self, turn: int, event: TurnEnded, said: str, cancelled: bool) -> None:
+        final = self._final.result() if self._final and self._final.done() else event.transcript
+        self.history += [
+            Message(role="user", content=final),
+            Message(role="assistant", content=said.strip()),
+        ]
+        self._emit(
+            ResponseDone(t=self._clock.now(), turn_id=turn, text=said.strip(), cancelled=cancelled)
+        )
+
+    def _delta(self, turn: int, text: str, source: ResponseSource) -> None:
+        self._emit(ResponseTextDelta(t=self._clock.now(), turn_id=turn, text=text, source=source))
+
+    def _metric(self, turn: int, name: str, since: float) -> None:
+        self._emit(
+            Metric(
+                t=self._clock.now(),
+                name=name,
+                value=(self._clock.now() - since) * 1000,
+                turn_id=turn,
+            )
+        )
+
+    def _error(self, message: str) -> None:
+        self._emit(StageError(t=self._clock.now(), stage="llm", message=message))

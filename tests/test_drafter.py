@@ -1,0 +1,40 @@
+"""Where a draft prefix may end, and the real drafter on the real SmolLM2."""
+
+import asyncio
+
+import pytest
+
+from llm.backend import LlamaBackend, Message
+from llm.drafter import LlamaDrafter, natural_break
+from voice.models import resolve
+from voice.settings import Settings
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("Yes, I do", "Yes,"),
+        ('"Oh, nice', '"Oh,'),
+        ("Well I think that is a great", "Well I think that is"),
+        ("I love watching football with", None),  # five words: wait for the sixth or a mark
+        ("...", None),  # a mark with no word before it is no break
+        ("", None),
+    ],
+)
+def test_natural_break(text, expected):
+    cut = natural_break(text, 5)
+    assert (text[:cut] if cut is not None else None) == expected
+
+
+@pytest.mark.integration
+def test_real_drafter_writes_a_short_prefix():
+    settings = Settings.load(env={})
+    backend = LlamaBackend("draft", resolve("draft-llm", settings).path, 1, 1024)
+    drafter = LlamaDrafter(backend, settings.llm)
+    history = [Message(role="system", content=settings.llm.system_prompt)]
+    try:
+        draft = asyncio.run(drafter.draft(history, "Do you like football?"))
+    finally:
+        backend.close()
+    assert 1 <= len(draft.text.split()) <= settings.llm.draft_max_words
+    assert draft.tokens and draft.transcript == "Do you like football?"

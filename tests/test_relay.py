@@ -1,0 +1,208 @@
+"""The relay's orchestration on a virtual clock with scripted backends (no models)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from llm.backend import BackendError, Message, Token
+from llm.relay import Draft, Relay, strip_seam
+from voice.clock import VirtualClock, settle
+from voice.events import (
+    Event,
+    ResponseDone,
+    ResponseTextDelta,
+    StageError,
+    TurnEnded,
+    TurnMaybeEnded,
+    TurnResumed,
+    TurnTranscript,
+)
+from voice.settings import LlmSettings
+
+
+def tok(text: str) -> Token:
+    return Token(text=text, logprob=-0.1, entropy=0.5, margin=2.0)
+
+
+class ScriptedModel:
+    """Streams scripted pieces, one every ``step`` seconds of virtual time."""
+
+    def __init__(
+        self, clock: VirtualClock, pieces: list[str], step: float = 0.04, fail_at: int | None = None
+    ) -> None:
+        self.clock, self.pieces, self.step, self.fail_at = clock, pieces, step, fail_at
+        self.calls: list[tuple[list[Message], str]] = []
+        self.prefills = 0
+        self.drafts: list[str] = []
+
+    async def prefill(self, messages: Sequence[Message]) -> None:
+        self.prefills += 1
+
+    async def stream(
+        self, messages: Sequence[Message], assistant_prefix: str = "", max_tokens: int = 64
+    ) -> AsyncIterator[Token]:
+        self.calls.append((list(messages), assistant_prefix))
+        for i, piece in enumerate(self.pieces):
+            await self.clock.sleep(self.step)
+            if i == self.fail_at:
+                raise BackendError("server went away")
+            yield tok(piece)
+
+    async def draft(self, history: Sequence[Message], transcript: str) -> Draft:
+        self.drafts.append(transcript)
+        await self.clock.sleep(0.1)
+        return Draft(transcript=transcript, text="Yes, I love", tokens=(tok("Yes"),))
+
+
+class Verdict:
+    def __init__(self, accept: bool) -> None:
+        self.value = accept
+
+    def accept(self, history: Sequence[Message], draft: Draft) -> bool:
+        return self.value
+
+
+class Harness:
+    def __init__(
+        self, mode: str = "relay", accept: bool = True, slow: list[str] | None = None, **kw
+    ):
+        self.clock = VirtualClock()
+        self.events: list[tuple[float, Event]] = []
+        self.fast = ScriptedModel(self.clock, ["Sure", ",", " fast", " reply", "."])
+        self.slow = ScriptedModel(
+            self.clock, slow or [" love", " football", " because", " it", " is", " fun", "."], **kw
+        )
+        self.relay = Relay(
+            LlmSettings(mode=mode),  # type: ignore[arg-type]
+            self.fast,
+            Verdict(accept),
+            self.slow,
+            self.clock,
+            lambda e: self.events.append((round(self.clock.now(), 3), e)),
+        )
+
+    async def send(self, event: Event) -> None:
+        self.relay.on_event(event)
+        await settle()
+
+    async def run(self, seconds: float = 5.0) -> None:
+        await self.clock.advance(seconds)
+        await self.relay.wait()
+
+    def deltas(self) -> list[tuple[float, str, str]]:
+        return [(t, e.text, e.source) for t, e in self.events if isinstance(e, ResponseTextDelta)]
+
+    def done(self) -> ResponseDone:
+        (done,) = [e for _, e in self.events if isinstance(e, ResponseDone)]
+        return done
+
+
+@pytest.mark.parametrize(
+    ("prefix", "continuation", "expected"),
+    [
+        ("Yes, I love", " love football.", " football."),
+        ("Yes, I love", " I love it.", " it."),
+        ("Sure,", " here it is.", " here it is."),
+        ("Well", "", ""),
+    ],
+)
+def test_strip_seam_drops_repeated_words(prefix, continuation, expected):
+    assert strip_seam(prefix, continuation) == expected
+
+
+async def test_speculative_draft_is_spoken_at_the_turn_end_and_the_slow_model_continues():
+    h = Harness()
+    await h.send(TurnMaybeEnded(t=0, transcript="Do you like football", p_complete=0.8))
+    await h.clock.advance(0.2)  # the draft is ready before the turn is confirmed
+    await h.send(TurnEnded(t=0.2, transcript="Do you like football", reason="test"))
+    await h.send(TurnTranscript(t=0.2, transcript="Do you like football?"))
+    await h.run()
+    deltas = h.deltas()
+    assert deltas[0] == (0.2, "Yes, I love", "prefix")  # no wait: speculation reused
+    assert h.fast.drafts == ["Do you like football"] and h.slow.prefills == 1
+    assert "".join(d[1] for d in deltas[1:]) == " football because it is fun."
+    assert {d[2] for d in deltas[1:]} == {"continuation"}
+    messages, prefix = h.slow.calls[0]
+    assert prefix == "Yes, I love" and messages[-1].content == "Do you like football?"
+    assert h.done().text == "Yes, I love football because it is fun."
+    assert [m.role for m in h.relay.history] == ["system", "user", "assistant"]
+
+
+async def test_resumed_turn_drops_the_speculation_and_drafts_again():
+    h = Harness()
+    await h.send(TurnMaybeEnded(t=0, transcript="Do you", p_complete=0.6))
+    await h.send(TurnResumed(t=0.05))
+    await h.clock.advance(0.5)
+    await h.send(TurnEnded(t=0.5, transcript="Do you like football", reason="test"))
+    await h.send(TurnTranscript(t=0.5, transcript="Do you like football"))
+    await h.run()
+    assert h.fast.drafts == ["Do you", "Do you like football"]
+    assert h.deltas()[0] == (0.6, "Yes, I love", "prefix")  # drafted after the turn ended
+
+
+async def test_rejected_draft_lets_the_slow_model_answer_alone():
+    h = Harness(accept=False, slow=["\n", "Football", " is", " great", "."])
+    await h.send(TurnEnded(t=0, transcript="Do you like football", reason="test"))
+    await h.send(TurnTranscript(t=0, transcript="Do you like football"))
+    await h.run()
+    assert {d[2] for d in h.deltas()} == {"full"}
+    assert h.done().text == "Football is great." and h.slow.calls[0][1] == ""
+
+
+async def test_cascaded_mode_never_drafts():
+    h = Harness(mode="cascaded")
+    await h.send(TurnMaybeEnded(t=0, transcript="hi", p_complete=0.9))
+    await h.send(TurnEnded(t=0, transcript="hi", reason="test"))
+    await h.send(TurnTranscript(t=0, transcript="hi"))
+    await h.run()
+    assert h.fast.drafts == [] and {d[2] for d in h.deltas()} == {"full"}
+
+
+async def test_fast_mode_answers_with_the_drafter_alone():
+    h = Harness(mode="fast")
+    await h.send(TurnEnded(t=0, transcript="hi", reason="test"))
+    await h.send(TurnTranscript(t=0, transcript="hi"))
+    await h.run()
+    assert h.done().text == "Sure, fast reply." and h.slow.calls == []
+
+
+async def test_slow_backend_failing_mid_stream_ends_the_reply_with_a_reason():
+    h = Harness(fail_at=5)
+    await h.send(TurnEnded(t=0, transcript="Do you like football", reason="test"))
+    await h.send(TurnTranscript(t=0, transcript="Do you like football"))
+    await h.run()
+    (error,) = [e for _, e in h.events if isinstance(e, StageError)]
+    assert "server went away" in error.message
+    assert h.done().text == "Yes, I love football because it is" and not h.done().cancelled
+
+
+async def test_a_stalled_backend_times_out():
+    h = Harness(mode="cascaded", step=10.0)
+    await h.send(TurnEnded(t=0, transcript="hi", reason="test"))
+    await h.send(TurnTranscript(t=0, transcript="hi"))
+    await h.run(20.0)
+    (error,) = [e for _, e in h.events if isinstance(e, StageError)]
+    assert "ended early" in error.message and h.done().text == ""
+
+
+async def test_interruption_cancels_and_history_keeps_what_was_heard():
+    h = Harness()
+    await h.send(TurnEnded(t=0, transcript="Do you like football", reason="test"))
+    await h.send(TurnTranscript(t=0, transcript="Do you like football"))
+    await h.clock.advance(0.25)
+    h.relay.cancel()
+    await settle()
+    assert h.done().cancelled
+    h.relay.truncate_last_reply("Yes, I")
+    assert h.relay.history[-1] == Message(role="assistant", content="Yes, I")
+
+
+async def test_the_slow_path_falls_back_to_the_turn_text_when_no_final_comes():
+    h = Harness(mode="cascaded")
+    await h.send(TurnEnded(t=0, transcript="partial words", reason="test"))
+    await h.run()
+    assert h.slow.calls[0][0][-1].content == "partial words"
+    assert asyncio.get_running_loop()  # ran inside the loop
