@@ -85,8 +85,17 @@ class TurnEnded:
     """Confirmed: the assistant may speak."""
 
     t: float
-    transcript: str
+    transcript: str  # best known now; see TurnTranscript for the final one
     reason: str  # which evidence decided, for metrics and debugging
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TurnTranscript:
+    """The ended turn's complete final transcript. ``TurnEnded`` may fire on a partial
+    transcript, before the recogniser's last final is back; this follows once it is."""
+
+    t: float
+    transcript: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,6 +175,7 @@ Event = (
     | TranscriptFinal
     | TurnMaybeEnded
     | TurnEnded
+    | TurnTranscript
     | TurnResumed
     | UserIntent
     | ResponseTextDelta
