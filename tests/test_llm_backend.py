@@ -72,3 +72,17 @@ def test_a_transcript_too_long_for_the_context_is_cut_from_the_start(backend):
     long = [Message(role="user", content="word " * 3000 + "What is your name?")]
     assert len(asyncio.run(collect(backend, long, limit=4))) <= 4  # runs; no context overflow
     assert len(backend.prompt_tokens(long, "", reserve=64)) <= 1024 - 64
+
+
+@pytest.mark.integration
+def test_teacher_forced_scores_match_what_generation_saw(backend):
+    async def main():
+        generated = await collect(backend, QUESTION, limit=6)
+        text = "".join(t.text for t in generated)
+        return generated, await backend.score(QUESTION, text)
+
+    generated, scored = asyncio.run(main())
+    assert [t.text for t in scored] == [t.text for t in generated]
+    for g, s in zip(generated, scored, strict=True):
+        assert s.logprob == pytest.approx(g.logprob, abs=0.05)
+        assert s.entropy == pytest.approx(g.entropy, abs=0.05)

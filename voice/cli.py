@@ -10,6 +10,7 @@ from pathlib import Path
 
 from eval.datasets import DatasetMissing
 from voice.audio import AudioFormatError
+from voice.corpora import CorpusMissing
 from voice.models import REGISTRY, ModelError, prepare_all
 from voice.settings import Settings, SettingsError
 
@@ -54,7 +55,33 @@ def _parser() -> argparse.ArgumentParser:
         "--fast", action="store_true", help="no real-time pacing (latencies meaningless)"
     )
     asr.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    turn = suites.add_parser("turn", help="end-of-turn: decision latency, false cut-offs, text")
+    turn.add_argument("--quick", action="store_true", help="24 scenarios and a text subset")
+    turn.add_argument(
+        "--split",
+        choices=["eval", "tune"],
+        default="eval",
+        help="which half of the prompts (choose thresholds on tune, report eval)",
+    )
+    turn.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+
+    commands.add_parser(
+        "turn-text",
+        help='lines of text on stdin -> {"text", "p_complete", "intent"} JSON per line',
+    )
     return parser
+
+
+def _turn_text() -> int:
+    from turn.text_model import TextTurnModel
+
+    model = TextTurnModel.load()
+    for line in sys.stdin:
+        text = line.rstrip("\n")
+        prediction = model.predict(text)
+        record = {"text": text, "p_complete": prediction.p_complete, "intent": prediction.intent}
+        print(json.dumps(record), flush=True)
+    return 0
 
 
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
@@ -87,13 +114,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _doctor(args, settings)
         if args.command == "models":
             return _models(args, settings)
+        if args.command == "turn-text":
+            return _turn_text()
+        if args.command == "eval" and args.suite == "turn":
+            from eval.turn import main as eval_turn
+
+            return eval_turn(settings, args.quick, args.split, args.json)
         if args.command == "eval":
             from eval.asr import main as eval_asr
 
             return eval_asr(settings, args.quick, args.fast, args.json)
         print(json.dumps(settings.as_dict(), indent=2))
         return 0
-    except (ModelError, SettingsError, AudioFormatError, DatasetMissing) as exc:
+    except (ModelError, SettingsError, AudioFormatError, DatasetMissing, CorpusMissing) as exc:
         print(f"relayvoice: error: {exc}", file=sys.stderr)
         return 2
 

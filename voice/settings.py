@@ -60,7 +60,7 @@ class VadSettings:
     threshold: float = 0.5  # P(speech) at or above which a window is speech
     release_threshold: float = 0.35  # below this a window is silence (hysteresis between)
     start_ms: int = 64  # speech needed before speech-started (ignores clicks)
-    hangover_ms: int = 64  # silence before speech-ended (a pause, not yet a turn end)
+    hangover_ms: int = 32  # silence before speech-ended (a pause, not yet a turn end)
     webrtc_mode: int = 1  # pre-gate aggressiveness 0-3 while idle; -1 turns the gate off
 
 
@@ -112,11 +112,12 @@ class TurnSettings:
 
     mode: Literal["adaptive", "fixed"] = "adaptive"  # fixed: plain VAD timeout, no models
     fixed_silence_ms: int = 800  # the timeout in fixed mode (pipecat's default VAD stop)
-    audio_weight: float = 0.5  # share of the audio model in p; the text model has the rest
+    # The four below were chosen on `relayvoice eval turn --split tune` (python -m eval.turn_tune).
+    audio_weight: float = 0.85  # share of the audio model in p; the text model has the rest
     maybe_threshold: float = 0.5  # p at a pause from which turn-maybe-ended fires
     min_silence_ms: int = 100  # what a certain p = 1 still waits
-    max_silence_ms: int = 1500  # hard maximum, whatever the models say
-    silence_curve: float = 2.0  # > 1: a fairly confident p already waits little
+    max_silence_ms: int = 2000  # hard maximum, whatever the models say
+    silence_curve: float = 1.0  # > 1: a fairly confident p already waits little
     audio_model_threads: int = 1
 
 
