@@ -1,0 +1,49 @@
+"""The verifier's features and decision rule, on a hand-set model and fake embeddings."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llm.backend import Message, Token
+from llm.relay import Draft
+from llm.verifier import Verifier, VerifierError, VerifierModel, signal_features
+
+
+class Embedder:
+    """Two fixed unit directions: the prefix either repeats the user's words or does not."""
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        return np.stack([np.eye(3, dtype=np.float32)[0 if "football" in t else 1] for t in texts])
+
+
+def draft(text: str, logprob: float = -0.2) -> Draft:
+    tokens = tuple(Token(text=w, logprob=logprob, entropy=1.0, margin=2.0) for w in text.split())
+    return Draft(transcript="Do you like football?", text=text, tokens=tokens)
+
+
+def test_signal_features_summarise_the_drafters_confidence():
+    features = signal_features(draft("Yes, I love", logprob=-0.5).tokens, "Yes, I love")
+    assert features.tolist() == pytest.approx([-0.5, -0.5, 1.0, 1.0, 2.0, 3.0])
+    assert signal_features((), "")[0] == -10.0  # no tokens: as unsure as it gets
+
+
+def test_accepts_above_the_threshold_only(tmp_path: Path):
+    # Weight only the cosine of user words and prefix (feature 6 of 6 + 1 + 3).
+    weights = np.zeros(10, np.float32)
+    weights[6] = 4.0
+    model = VerifierModel(weights, -2.0, np.zeros(10), np.ones(10), threshold=0.5)
+    model.save(tmp_path / "v.npz")
+    verifier = Verifier(VerifierModel.load(tmp_path / "v.npz"), Embedder())  # type: ignore[arg-type]
+    history = [Message(role="system", content="be brief")]
+    on_topic, off_topic = draft("I love football"), draft("The weather is nice")
+    assert verifier.score(history, on_topic) == pytest.approx(1 / (1 + np.exp(-2.0)))
+    assert verifier.accept(history, on_topic) and not verifier.accept(history, off_topic)
+
+
+def test_missing_or_broken_weights_name_the_script(tmp_path: Path):
+    with pytest.raises(VerifierError, match=r"python -m llm\.train_verifier"):
+        VerifierModel.load(tmp_path / "absent.npz")
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(VerifierError, match="unreadable"):
+        VerifierModel.load(tmp_path / "bad.npz")
