@@ -5,8 +5,10 @@ Data: Topical-Chat ``valid_freq`` only, split by conversation (80 % train, 20 % 
 
 1. the drafter writes a prefix for that turn, exactly as at run time;
 2. the slow model continues the reply from it (assistant pre-fill), as the relay would;
-3. the slow model, shown the last ~200 words and the whole reply, judges whether the prefix is
-   a sensible start of a reply (Yes/No, greedy; the RelayS2S recipe with our own prompt);
+3. the slow model, shown the last ~200 words, rates the prefix as the start of a reply from 1
+   to 5 (greedy; the RelayS2S recipe with our own prompt, ``judge_prefix.txt``); 4 or 5 is
+   good. (Asked Yes/No it said Yes to every one of 20 drafts, "the should." included.) The
+   continuation is kept with the label for inspection;
 4. a deliberately bad prefix: another conversation's draft, scored teacher-forced by the
    drafter in this context (label 0 without asking the judge).
 
@@ -41,6 +43,7 @@ from voice.settings import Settings
 
 JUDGE_PROMPT = Path(__file__).with_name("judge_prefix.txt")
 SEED = 11
+GOOD_RATING = 4  # the judge is lenient: 3 ("generic or a little off") is not good enough
 CONTEXT_WORDS = 200
 
 
@@ -79,12 +82,14 @@ def recent_words(history: Sequence[Message], user: str) -> str:
     return " ".join(words[-CONTEXT_WORDS:])
 
 
-async def judge(slow: LlamaBackend, context: str, prefix: str, reply: str) -> bool:
-    prompt = JUDGE_PROMPT.read_text().format(context=context, prefix=prefix, reply=reply)
+async def judge(slow: LlamaBackend, context: str, prefix: str) -> int:
+    """The slow model's 1-5 rating of how the reply begins (0 if it gave no number)."""
+    prompt = JUDGE_PROMPT.read_text().format(context=context, prefix=prefix)
     answer = ""
-    async for token in slow.stream([Message(role="user", content=prompt)], max_tokens=2):
+    async for token in slow.stream([Message(role="user", content=prompt)], max_tokens=3):
         answer += token.text
-    return answer.strip().lower().startswith("yes")
+    digits = [c for c in answer if c in "12345"]
+    return int(digits[0]) if digits else 0
 
 
 def token_rows(tokens: Sequence[Token]) -> list[list[float]]:
@@ -114,8 +119,14 @@ async def label(settings: Settings, limit: int, labels_file: Path) -> None:
             if key not in done and draft.text:
                 messages = [*history, Message(role="user", content=user)]
                 rest = "".join([t.text async for t in slow.stream(messages, draft.text, 24)])
-                good = await judge(slow, recent_words(history, user), draft.text, draft.text + rest)
-                record = {"key": key, "label": int(good), "prefix": draft.text, "reply_rest": rest}
+                rating = await judge(slow, recent_words(history, user), draft.text)
+                record = {
+                    "key": key,
+                    "label": int(rating >= GOOD_RATING),
+                    "rating": rating,
+                    "prefix": draft.text,
+                    "reply_rest": rest,
+                }
                 out.write(json.dumps(record | _common(item, draft.tokens)) + "\n")
             other = drafts.get(str(items[n - 1]["id"])) if n else None
             key = f"{item['id']}/mismatch"

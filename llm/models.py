@@ -1,0 +1,36 @@
+"""The responder's models, loaded once: the drafter's and the continuer's llama.cpp
+instances, and the verifier with its embedding model."""
+
+from __future__ import annotations
+
+from llm.backend import LlamaBackend
+from llm.drafter import LlamaDrafter
+from llm.relay import Emit, Relay
+from llm.verifier import Verifier, VerifierModel
+from voice.clock import Clock
+from voice.embedding import TextEmbedder
+from voice.models import resolve
+from voice.settings import Settings
+
+
+class LlmModels:
+    def __init__(self, settings: Settings) -> None:
+        s = settings.llm
+        self.settings = settings
+        self.draft = LlamaBackend(
+            "draft", resolve(s.draft_model, settings).path, s.draft_threads, s.context_tokens
+        )
+        self.slow = LlamaBackend(
+            "slow", resolve(s.slow_model, settings).path, s.slow_threads, s.context_tokens
+        )
+        embedder = TextEmbedder(resolve("embedding", settings).path, settings.embedding.threads)
+        self.verifier = Verifier(VerifierModel.load(), embedder)
+        self.drafter = LlamaDrafter(self.draft, s)
+
+    def relay(self, clock: Clock, emit: Emit) -> Relay:
+        """A responder for one conversation (its own history; the models are shared)."""
+        return Relay(self.settings.llm, self.drafter, self.verifier, self.slow, clock, emit)
+
+    def close(self) -> None:
+        self.draft.close()
+        self.slow.close()

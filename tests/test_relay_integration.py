@@ -1,0 +1,48 @@
+"""The relay on the real models: SmolLM2 drafts, the verifier decides, Qwen 1.5B continues."""
+
+import asyncio
+import itertools
+
+import pytest
+
+from llm.models import LlmModels
+from voice.clock import RealClock
+from voice.events import ResponseDone, ResponseTextDelta, StageError, TurnEnded, TurnTranscript
+from voice.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def models() -> LlmModels:
+    models = LlmModels(Settings.load(env={}))
+    yield models
+    models.close()
+
+
+@pytest.mark.parametrize("mode", ["relay", "cascaded"])
+def test_answers_one_turn_as_one_seamless_reply(models, mode):
+    events = []
+
+    async def main():
+        models.settings.llm.mode = mode
+        relay = models.relay(RealClock(), events.append)
+        question = "Do you like football?"
+        relay.on_event(TurnEnded(t=0, transcript=question, reason="test"))
+        relay.on_event(TurnTranscript(t=0, transcript=question))
+        await relay.wait()
+
+    try:
+        asyncio.run(main())
+    finally:
+        models.settings.llm.mode = "relay"
+    assert not [e for e in events if isinstance(e, StageError)]
+    deltas = [e for e in events if isinstance(e, ResponseTextDelta)]
+    (done,) = [e for e in events if isinstance(e, ResponseDone)]
+    assert done.text and done.text == "".join(d.text for d in deltas).strip()
+    words = done.text.lower().split()
+    assert all(a != b for a, b in itertools.pairwise(words)), done.text  # no seam echo
+    if mode == "cascaded":
+        assert {d.source for d in deltas} == {"full"}
+    elif deltas[0].source == "prefix":
+        assert {d.source for d in deltas[1:]} <= {"continuation"}
