@@ -3,6 +3,8 @@ instances, and the verifier with its embedding model."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from llm.backend import LlamaBackend
 from llm.drafter import LlamaDrafter
 from llm.relay import Emit, Relay
@@ -10,7 +12,7 @@ from llm.verifier import Verifier, VerifierModel
 from voice.clock import Clock
 from voice.embedding import TextEmbedder
 from voice.models import resolve
-from voice.settings import Settings
+from voice.settings import RelayMode, Settings
 
 
 class LlmModels:
@@ -27,9 +29,12 @@ class LlmModels:
         self.verifier = Verifier(VerifierModel.load(), embedder)
         self.drafter = LlamaDrafter(self.draft, s)
 
-    def relay(self, clock: Clock, emit: Emit) -> Relay:
+    def relay(self, clock: Clock, emit: Emit, mode: RelayMode | None = None) -> Relay:
         """A responder for one conversation (its own history; the models are shared)."""
-        return Relay(self.settings.llm, self.drafter, self.verifier, self.slow, clock, emit)
+        settings = self.settings.llm
+        if mode is not None:
+            settings = dataclasses.replace(settings, mode=mode)
+        return Relay(settings, self.drafter, self.verifier, self.slow, clock, emit)
 
     def close(self) -> None:
         self.draft.close()

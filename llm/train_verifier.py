@@ -183,14 +183,19 @@ def train(settings: Settings, labels_file: Path, out: Path, precision: float) ->
     threshold = 1.0
     for t in sorted(set(np.round(p_val, 4)), reverse=True):
         kept = p_val >= t
-        if y[val][kept].mean() >= precision:
+        if kept.any() and y[val][kept].mean() >= precision:
             threshold = float(t)
     verifier.threshold = threshold
     verifier.save(out)
     drafts_val = np.array([r["key"].endswith("/draft") for r in records]) & val
-    kept = verifier.probability(x[drafts_val]) >= threshold
+    p_drafts = verifier.probability(x[drafts_val])
+    kept = p_drafts >= threshold
     metrics = {
         "verifier_auroc_validation": float(auc),
+        # The judge's labels alone (no deliberately bad prefixes): the harder question.
+        "verifier_auroc_validation_drafts_only": float(roc_auc_score(y[drafts_val], p_drafts))
+        if len(set(y[drafts_val])) == 2
+        else float("nan"),
         "c": c,
         "threshold": threshold,
         "n_train": int((~val).sum()),

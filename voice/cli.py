@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     turn.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
 
+    relay = suites.add_parser("relay", help="reply quality and timing: relay vs slow vs fast")
+    relay.add_argument("--quick", action="store_true", help="30 turns")
+    relay.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+
     commands.add_parser(
         "turn-text",
         help='lines of text on stdin -> {"text", "p_complete", "intent"} JSON per line',
@@ -116,6 +120,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _models(args, settings)
         if args.command == "turn-text":
             return _turn_text()
+        if args.command == "eval" and args.suite == "relay":
+            from eval.relay import main as eval_relay
+
+            return eval_relay(settings, args.quick, args.json)
         if args.command == "eval" and args.suite == "turn":
             from eval.turn import main as eval_turn
 

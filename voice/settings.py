@@ -80,9 +80,12 @@ class AsrSettings:
     logprob_threshold: float = -1.0
 
 
+RelayMode = Literal["relay", "cascaded", "fast"]
+
+
 @dataclass
 class LlmSettings:
-    mode: Literal["relay", "cascaded", "fast"] = "relay"  # cascaded: slow model alone
+    mode: RelayMode = "relay"  # cascaded: slow model alone; fast: drafter alone
     system_prompt: str = (
         "You are a friendly voice assistant in a spoken conversation. Answer in one to three "
         "short sentences of plain spoken English: no lists, no markdown, no emoji."
