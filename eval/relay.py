@@ -2,7 +2,8 @@
 
 Turns come from Topical-Chat ``test_freq_audio`` (never used for training or tuning): the user's
 words are a real recogniser's output (``message_asr_A``), the three turns before are history.
-For each turn, each mode gets the same events a session would send — turn-maybe-ended, then
+For each turn, each mode gets the same events a session would send — speech-started (the
+history pre-fill is let finish, as it would while the user speaks), turn-maybe-ended, then
 turn-ended ``MAYBE_TO_END_S`` later (the median gap `eval turn` measured), then the final
 transcript — on the real clock. The slow model then judges every full reply with the RelayS2S
 rubric (``eval/judge_reply.txt``), seeing the same last ~200 words of context.
@@ -27,6 +28,7 @@ from voice.corpora import topical_chat
 from voice.events import (
     Event,
     ResponseTextDelta,
+    SpeechStarted,
     TurnEnded,
     TurnMaybeEnded,
     TurnTranscript,
@@ -80,6 +82,8 @@ async def run_turn(models: LlmModels, mode: str, history: list[Message], user: s
 
     relay = models.relay(clock, collect, mode=mode)
     relay.history += history
+    relay.on_event(SpeechStarted(t=clock.now(), audio_time=0.0))
+    await relay.idle()  # the history pre-fill a session does while the user speaks
     relay.on_event(TurnMaybeEnded(t=clock.now(), transcript=user, p_complete=0.9))
     await clock.sleep(MAYBE_TO_END_S)
     ended_at = clock.now()

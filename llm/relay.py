@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +28,7 @@ from voice.events import (
     ResponseDone,
     ResponseSource,
     ResponseTextDelta,
+    SpeechStarted,
     StageError,
     TurnEnded,
     TurnMaybeEnded,
@@ -47,6 +48,8 @@ class Draft:
 
 
 class Drafter(Protocol):
+    async def prefill(self, history: Sequence[Message]) -> None: ...
+
     async def draft(self, history: Sequence[Message], transcript: str) -> Draft: ...
 
     def stream(self, messages: Sequence[Message]) -> AsyncIterator[Token]:
@@ -114,7 +117,9 @@ class Relay:
         self.turn_id = 0
 
     def on_event(self, event: Event) -> None:
-        if isinstance(event, TurnMaybeEnded) and self._settings.mode == "relay":
+        if isinstance(event, SpeechStarted) and not self._background:
+            self._background_task(self._warm())
+        elif isinstance(event, TurnMaybeEnded) and self._settings.mode == "relay":
             self._speculate(event.transcript)
         elif isinstance(event, TurnResumed):
             self._drop_speculation()
@@ -127,11 +132,36 @@ class Relay:
         self._drop_speculation()
         task = asyncio.create_task(self._drafter.draft(list(self.history), transcript))
         self._speculation = (transcript, task)
-        prefill = asyncio.create_task(self._prefill(transcript))
-        self._background.add(prefill)
-        prefill.add_done_callback(self._background.discard)
+        self._background_task(self._prefill(transcript, after=task))
 
-    async def _prefill(self, transcript: str) -> None:
+    def _background_task(self, work: Coroutine[None, None, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _warm(self) -> None:
+        """The user has begun a turn: evaluate the history now, while they speak, so that at
+        the turn's end both models read only the new words. Drafter first: its words are
+        heard first."""
+        try:
+            if self._settings.mode != "cascaded":
+                await self._drafter.prefill(list(self.history))
+            if self._settings.mode != "fast":
+                await self._continuer.prefill(list(self.history))
+        except BackendError as exc:  # only speed is lost
+            self._error(f"pre-fill failed: {exc}")
+
+    async def idle(self) -> None:
+        """Until background pre-fills are done (offline evaluation: the user spoke long enough)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def _prefill(self, transcript: str, after: asyncio.Task[Draft]) -> None:
+        """Pre-fill the slow model once the draft is written: on two cores the words the
+        user hears first go first (run together, each slowed the other to over a second)."""
+        await asyncio.gather(after, return_exceptions=True)
+        if after.cancelled():
+            return
         try:
             await self._continuer.prefill([*self.history, Message(role="user", content=transcript)])
         except BackendError as exc:  # only speed is lost

@@ -14,6 +14,7 @@ from voice.events import (
     Event,
     ResponseDone,
     ResponseTextDelta,
+    SpeechStarted,
     StageError,
     TurnEnded,
     TurnMaybeEnded,
@@ -129,6 +130,18 @@ async def test_speculative_draft_is_spoken_at_the_turn_end_and_the_slow_model_co
     assert prefix == "Yes, I love" and messages[-1].content == "Do you like football?"
     assert h.done().text == "Yes, I love football because it is fun."
     assert [m.role for m in h.relay.history] == ["system", "user", "assistant"]
+
+
+async def test_speech_start_prefills_the_history_of_the_models_in_use():
+    h = Harness()
+    h.relay.history.append(Message(role="user", content="earlier"))
+    await h.send(SpeechStarted(t=0, audio_time=0.0))
+    await h.relay.idle()
+    assert h.fast.prefills == 1 and h.slow.prefills == 1
+    cascaded = Harness(mode="cascaded")
+    await cascaded.send(SpeechStarted(t=0, audio_time=0.0))
+    await cascaded.relay.idle()
+    assert cascaded.fast.prefills == 0 and cascaded.slow.prefills == 1
 
 
 async def test_resumed_turn_drops_the_speculation_and_drafts_again():
