@@ -120,13 +120,20 @@ class Relay:
         if isinstance(event, SpeechStarted) and not self._background:
             self._background_task(self._warm())
         elif isinstance(event, TurnMaybeEnded) and self._settings.mode == "relay":
-            self._speculate(event.transcript)
+            self._speculate(self._clip(event.transcript))
         elif isinstance(event, TurnResumed):
             self._drop_speculation()
         elif isinstance(event, TurnEnded):
             self._start_reply(event)
         elif isinstance(event, TurnTranscript) and self._final and not self._final.done():
-            self._final.set_result(event.transcript)
+            self._final.set_result(self._clip(event.transcript))
+
+    def _clip(self, transcript: str) -> str:
+        """The last ``max_user_words`` of a turn: a monologue must not stall the reply on
+        reading thousands of tokens (the words nearest the turn's end matter most)."""
+        words = transcript.split()
+        limit = self._settings.max_user_words
+        return " ".join(words[-limit:]) if len(words) > limit else transcript
 
     def _speculate(self, transcript: str) -> None:
         self._drop_speculation()
@@ -201,7 +208,7 @@ class Relay:
             wait = self._settings.final_transcript_wait_s
             return await wait_for(self._clock, asyncio.shield(self._final), wait)
         except TimeoutError:
-            return event.transcript
+            return self._clip(event.transcript)
 
     async def _respond(self, turn: int, event: TurnEnded) -> None:
         started, said = self._clock.now(), ""
@@ -213,7 +220,7 @@ class Relay:
                 ]
                 said = await self._say(turn, "full", self._drafter.stream(messages))
             else:
-                draft = await self._draft(event.transcript)
+                draft = await self._draft(self._clip(event.transcript))
                 if draft is not None:
                     said = draft.text
                     self._delta(turn, said, "prefix")
@@ -288,7 +295,11 @@ class Relay:
         return text
 
     def _finish(self, turn: int, event: TurnEnded, said: str, cancelled: bool) -> None:
-        final = self._final.result() if self._final and self._final.done() else event.transcript
+        final = (
+            self._final.result()
+            if self._final and self._final.done()
+            else self._clip(event.transcript)
+        )
         self.history += [
             Message(role="user", content=final),
             Message(role="assistant", content=said.strip()),

@@ -219,3 +219,13 @@ async def test_the_slow_path_falls_back_to_the_turn_text_when_no_final_comes():
     await h.run()
     assert h.slow.calls[0][0][-1].content == "partial words"
     assert asyncio.get_running_loop()  # ran inside the loop
+
+
+async def test_a_very_long_turn_keeps_only_its_last_words():
+    h = Harness(mode="cascaded")
+    long = " ".join(f"w{i}" for i in range(2000))
+    await h.send(TurnEnded(t=0, transcript=long, reason="test"))
+    await h.send(TurnTranscript(t=0, transcript=long))
+    await h.run()
+    words = h.slow.calls[0][0][-1].content.split()
+    assert len(words) == 300 and words[-1] == "w1999"

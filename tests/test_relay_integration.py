@@ -7,7 +7,14 @@ import pytest
 
 from llm.models import LlmModels
 from voice.clock import RealClock
-from voice.events import ResponseDone, ResponseTextDelta, StageError, TurnEnded, TurnTranscript
+from voice.events import (
+    ResponseDone,
+    ResponseTextDelta,
+    StageError,
+    TurnEnded,
+    TurnMaybeEnded,
+    TurnTranscript,
+)
 from voice.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -46,3 +53,27 @@ def test_answers_one_turn_as_one_seamless_reply(models, mode):
         assert {d.source for d in deltas} == {"full"}
     elif deltas[0].source == "prefix":
         assert {d.source for d in deltas[1:]} <= {"continuation"}
+
+
+@pytest.mark.parametrize(
+    "transcript",
+    ["", "word " * 2000 + "what do you think?", "¿Dónde está la biblioteca? 图书馆在哪里"],
+    ids=["empty", "2000-words", "not-english"],
+)
+def test_odd_transcripts_get_one_complete_reply_and_no_error(models, transcript):
+    events = []
+
+    async def main():
+        models.settings.llm.max_reply_tokens = 12
+        relay = models.relay(RealClock(), events.append)
+        relay.on_event(TurnMaybeEnded(t=0, transcript=transcript, p_complete=0.9))
+        relay.on_event(TurnEnded(t=0, transcript=transcript, reason="test"))
+        relay.on_event(TurnTranscript(t=0, transcript=transcript))
+        await relay.wait()
+
+    try:
+        asyncio.run(main())
+    finally:
+        models.settings.llm.max_reply_tokens = 80
+    assert not [e for e in events if isinstance(e, StageError)]
+    assert len([e for e in events if isinstance(e, ResponseDone)]) == 1
