@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 from asr.stage import AsrModels
 from eval.datasets import Utterance, asterisk, librivox, phone_call
 from eval.replay import stream
+from eval.report import progress, publish
 from eval.text import normalize
 from voice.audio import resample
 from voice.clock import RealClock
@@ -160,13 +159,7 @@ async def evaluate(
     replays = []
     for n, utterance in enumerate(utterances, 1):
         replays.append(await replay(models, utterance, paced))
-        print(
-            f"\r[{n}/{len(utterances)}] {utterance.id[:50]:50s}",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-    print(file=sys.stderr)
+        progress(n, len(utterances), utterance.id)
     offline = [offline_transcript(models, u) for u in utterances]
     references = [u.text for u in utterances]
     latencies = [(r.finals[-1][0] - r.true_end) * 1000 for r in replays if r.finals]
@@ -226,7 +219,4 @@ def format_report(report: dict[str, object]) -> str:
 
 def main(settings: Settings, quick: bool, fast: bool, json_path: Path | None) -> int:
     report = asyncio.run(evaluate(settings, quick=quick, paced=not fast))
-    print(format_report(report))
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return publish(report, format_report(report), json_path)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from eval.report import progress, publish
 from llm.backend import Message
 from llm.models import LlmModels
 from llm.verifier import WEIGHTS_FILE
@@ -132,8 +132,7 @@ async def evaluate(settings: Settings, quick: bool) -> dict[str, object]:
             reply = await run_turn(models, mode, history, user)
             reply.score = await judge(models, history, user, reply.text)
             replies[mode].append(reply)
-        print(f"\r[{n}/{len(cases)}] {user[:60]:60s}", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        progress(n, len(cases), user)
     models.close()
     relay = replies["relay"]
     kept = [r for r in relay if r.prefix_ms is not None]
@@ -184,7 +183,4 @@ def format_report(report: dict[str, object]) -> str:
 
 def main(settings: Settings, quick: bool, json_path: Path | None) -> int:
     report = asyncio.run(evaluate(settings, quick))
-    print(format_report(report))
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return publish(report, format_report(report), json_path)

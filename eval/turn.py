@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import re
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from asr.stage import AsrModels
 from eval.asr import speech_bounds
 from eval.datasets import Utterance, asterisk, librivox
 from eval.replay import stream
+from eval.report import progress, publish
 from eval.turn_text import evaluate_text
 from turn.detector import TurnModels
 from voice.audio import resample
@@ -311,13 +310,7 @@ async def evaluate(settings: Settings, quick: bool, split: str) -> dict[str, obj
     outcomes = []
     for n, scenario in enumerate(cases, 1):
         outcomes.append(await replay(asr, turn, scenario))
-        print(
-            f"\r[{n}/{len(cases)}] {scenario.kind:6s} {scenario.id[:60]:60s}",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-    print(file=sys.stderr)
+        progress(n, len(cases), f"{scenario.kind:6s} {scenario.id}")
     report: dict[str, object] = dict(summarize(outcomes))
     report |= evaluate_text(quick)
     report |= {
@@ -378,7 +371,4 @@ def format_report(report: dict[str, object]) -> str:
 
 def main(settings: Settings, quick: bool, split: str, json_path: Path | None) -> int:
     report = asyncio.run(evaluate(settings, quick, split))
-    print(format_report(report))
-    if json_path:
-        json_path.write_text(json.dumps(report, indent=2) + "\n")
-    return 0
+    return publish(report, format_report(report), json_path)
