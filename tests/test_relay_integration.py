@@ -27,23 +27,30 @@ def models() -> LlmModels:
     models.close()
 
 
-@pytest.mark.parametrize("mode", ["relay", "cascaded"])
-def test_answers_one_turn_as_one_seamless_reply(models, mode):
+def answer(models, transcript, mode="relay", max_tokens=80, speculate=False) -> list:
+    """The events of one turn answered live by a fresh relay."""
     events = []
 
     async def main():
-        models.settings.llm.mode = mode
-        relay = models.relay(RealClock(), events.append)
-        question = "Do you like football?"
-        relay.on_event(TurnEnded(t=0, transcript=question, reason="test"))
-        relay.on_event(TurnTranscript(t=0, transcript=question))
+        relay = models.relay(RealClock(), events.append, mode=mode)
+        if speculate:
+            relay.on_event(TurnMaybeEnded(t=0, transcript=transcript, p_complete=0.9))
+        relay.on_event(TurnEnded(t=0, transcript=transcript, reason="test"))
+        relay.on_event(TurnTranscript(t=0, transcript=transcript))
         await relay.wait()
 
+    models.settings.llm.max_reply_tokens = max_tokens
     try:
         asyncio.run(main())
     finally:
-        models.settings.llm.mode = "relay"
+        models.settings.llm.max_reply_tokens = 80
     assert not [e for e in events if isinstance(e, StageError)]
+    return events
+
+
+@pytest.mark.parametrize("mode", ["relay", "cascaded"])
+def test_answers_one_turn_as_one_seamless_reply(models, mode):
+    events = answer(models, "Do you like football?", mode=mode)
     deltas = [e for e in events if isinstance(e, ResponseTextDelta)]
     (done,) = [e for e in events if isinstance(e, ResponseDone)]
     assert done.text and done.text == "".join(d.text for d in deltas).strip()
@@ -61,19 +68,5 @@ def test_answers_one_turn_as_one_seamless_reply(models, mode):
     ids=["empty", "2000-words", "not-english"],
 )
 def test_odd_transcripts_get_one_complete_reply_and_no_error(models, transcript):
-    events = []
-
-    async def main():
-        models.settings.llm.max_reply_tokens = 12
-        relay = models.relay(RealClock(), events.append)
-        relay.on_event(TurnMaybeEnded(t=0, transcript=transcript, p_complete=0.9))
-        relay.on_event(TurnEnded(t=0, transcript=transcript, reason="test"))
-        relay.on_event(TurnTranscript(t=0, transcript=transcript))
-        await relay.wait()
-
-    try:
-        asyncio.run(main())
-    finally:
-        models.settings.llm.max_reply_tokens = 80
-    assert not [e for e in events if isinstance(e, StageError)]
+    events = answer(models, transcript, max_tokens=12, speculate=True)
     assert len([e for e in events if isinstance(e, ResponseDone)]) == 1
