@@ -1,9 +1,10 @@
 """The dual-path speculative responder (RelayS2S): a fast draft, a verifier, a slow continuation.
 
 On ``TurnMaybeEnded`` the drafter speculatively writes the first few words of the reply from
-the transcript so far, and the slow model pre-fills its prompt. ``TurnResumed`` throws that
-away. On ``TurnEnded`` the draft (the speculative one when the transcript has not changed) is
-scored by the verifier: accepted, it goes out at once as the ``prefix``, and the slow model
+the transcript so far, the verifier scores them (``DraftReady`` announces an accepted draft, so
+the voice can synthesise it early), and the slow model pre-fills its prompt. ``TurnResumed``
+throws that away. On ``TurnEnded`` the verified draft (the speculative one when the transcript
+has not changed) goes out at once as the ``prefix``, and the slow model
 continues the reply from it (assistant pre-fill) once the final transcript is known; rejected,
 the slow model answers alone (``full``). Mode ``cascaded`` is the slow model alone and mode
 ``fast`` the drafter alone, for comparison.
@@ -23,6 +24,7 @@ from typing import Protocol
 from llm.backend import BackendError, Message, Token
 from voice.clock import Clock, wait_for
 from voice.events import (
+    DraftReady,
     Event,
     Metric,
     ResponseDone,
@@ -110,7 +112,7 @@ class Relay:
         self._clock = clock
         self._emit = emit
         self.history: list[Message] = [Message(role="system", content=settings.system_prompt)]
-        self._speculation: tuple[str, asyncio.Task[Draft]] | None = None
+        self._speculation: tuple[str, asyncio.Task[Draft | None]] | None = None
         self._reply: asyncio.Task[None] | None = None
         self._final: asyncio.Future[str] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -137,9 +139,19 @@ class Relay:
 
     def _speculate(self, transcript: str) -> None:
         self._drop_speculation()
-        task = asyncio.create_task(self._drafter.draft(list(self.history), transcript))
+        task = asyncio.create_task(self._verified_draft(transcript, speculative=True))
         self._speculation = (transcript, task)
         self._background_task(self._prefill(transcript, after=task))
+
+    async def _verified_draft(self, transcript: str, speculative: bool = False) -> Draft | None:
+        """A draft the verifier accepts, or None. An accepted speculative draft is announced
+        (``DraftReady``) so the voice can synthesise it before the turn is confirmed."""
+        draft = await self._drafter.draft(list(self.history), transcript)
+        if not draft.text.strip() or not self._verifier.accept(self.history, draft):
+            return None
+        if speculative:
+            self._emit(DraftReady(t=self._clock.now(), transcript=transcript, text=draft.text))
+        return draft
 
     def _background_task(self, work: Coroutine[None, None, None]) -> None:
         task = asyncio.create_task(work)
@@ -163,7 +175,7 @@ class Relay:
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    async def _prefill(self, transcript: str, after: asyncio.Task[Draft]) -> None:
+    async def _prefill(self, transcript: str, after: asyncio.Task[Draft | None]) -> None:
         """Pre-fill the slow model once the draft is written: on two cores the words the
         user hears first go first (run together, each slowed the other to over a second)."""
         await asyncio.gather(after, return_exceptions=True)
@@ -243,17 +255,13 @@ class Relay:
         speculation, self._speculation = self._speculation, None
         try:
             if speculation is not None and speculation[0] == transcript:
-                draft = await speculation[1]
-            else:
-                if speculation is not None:
-                    speculation[1].cancel()
-                draft = await self._drafter.draft(list(self.history), transcript)
+                return await speculation[1]
+            if speculation is not None:
+                speculation[1].cancel()
+            return await self._verified_draft(transcript)
         except BackendError as exc:
             self._error(f"draft failed, slow path answers alone: {exc}")
             return None
-        if not draft.text.strip() or not self._verifier.accept(self.history, draft):
-            return None
-        return draft
 
     async def _say(
         self, turn: int, source: ResponseSource, tokens: AsyncIterator[Token], after: str = ""

@@ -11,6 +11,7 @@ from llm.backend import BackendError, Message, Token
 from llm.relay import Draft, Relay, strip_seam
 from voice.clock import VirtualClock, settle
 from voice.events import (
+    DraftReady,
     Event,
     ResponseDone,
     ResponseTextDelta,
@@ -130,6 +131,15 @@ async def test_speculative_draft_is_spoken_at_the_turn_end_and_the_slow_model_co
     assert prefix == "Yes, I love" and messages[-1].content == "Do you like football?"
     assert h.done().text == "Yes, I love football because it is fun."
     assert [m.role for m in h.relay.history] == ["system", "user", "assistant"]
+    (ready,) = [(t, e) for t, e in h.events if isinstance(e, DraftReady)]
+    assert ready[0] == 0.1 and ready[1].text == "Yes, I love"  # announced before the turn end
+
+
+async def test_a_rejected_speculative_draft_is_not_announced():
+    h = Harness(accept=False)
+    await h.send(TurnMaybeEnded(t=0, transcript="Do you like football", p_complete=0.8))
+    await h.clock.advance(0.2)
+    assert not [e for _, e in h.events if isinstance(e, DraftReady)]
 
 
 async def test_speech_start_prefills_the_history_of_the_models_in_use():

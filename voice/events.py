@@ -131,14 +131,39 @@ class ResponseDone:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DraftReady:
+    """A speculative prefix the verifier accepted, before the turn is confirmed: the voice
+    can synthesise it now so that it plays the instant the turn ends."""
+
+    t: float
+    transcript: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AudioOut:
-    """A chunk of assistant audio, with the text it speaks (for truncating history)."""
+    """A chunk of assistant audio and the text it speaks. ``words`` time each word from the
+    chunk's first sample (seconds), so history can keep exactly what was heard."""
 
     t: float
     turn_id: int
     samples: np.ndarray  # float32, mono
     sample_rate: int
     text: str = ""
+    words: tuple[Word, ...] = ()
+
+    @property
+    def duration(self) -> float:
+        return len(self.samples) / self.sample_rate
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AudioDone:
+    """The last chunk of a reply's audio has been produced (not yet played)."""
+
+    t: float
+    turn_id: int
+    cancelled: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -180,7 +205,9 @@ Event = (
     | UserIntent
     | ResponseTextDelta
     | ResponseDone
+    | DraftReady
     | AudioOut
+    | AudioDone
     | Interrupted
     | Metric
     | StageError
