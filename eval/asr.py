@@ -22,12 +22,12 @@ import numpy as np
 
 from asr.stage import AsrModels
 from eval.datasets import Utterance, asterisk, librivox, phone_call
-from eval.replay import stream
 from eval.report import progress, publish
 from eval.text import normalize
 from voice.audio import resample
 from voice.clock import RealClock
 from voice.events import Event, TranscriptFinal, TranscriptPartial
+from voice.replay import stream
 from voice.settings import Settings
 
 LEAD_S = 0.2

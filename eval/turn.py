@@ -28,13 +28,13 @@ import numpy as np
 from asr.stage import AsrModels
 from eval.asr import speech_bounds
 from eval.datasets import Utterance, asterisk, librivox
-from eval.replay import stream
 from eval.report import progress, publish
 from eval.turn_text import evaluate_text
 from turn.detector import TurnModels
 from voice.audio import resample
 from voice.clock import RealClock
 from voice.events import AudioFrame, Event, Metric, SpeechStarted, TurnEnded, TurnMaybeEnded
+from voice.replay import stream
 from voice.settings import Settings
 
 LEAD_S = 0.3

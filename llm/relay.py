@@ -116,6 +116,7 @@ class Relay:
         self._reply: asyncio.Task[None] | None = None
         self._final: asyncio.Future[str] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._heard: str | None = None  # what the user heard of a reply they cut off
         self.turn_id = 0
 
     def on_event(self, event: Event) -> None:
@@ -203,9 +204,13 @@ class Relay:
             self._reply.cancel()
         self._reply = None
 
-    def truncate_last_reply(self, heard: str) -> None:
-        """Keep in history only what the user actually heard of the last reply."""
-        if self.history and self.history[-1].role == "assistant":
+    def interrupt(self, heard: str) -> None:
+        """The user cut the reply off: stop it, and keep in history only what they heard
+        (whether the text was still being written or already complete)."""
+        if self._reply is not None and not self._reply.done():
+            self._heard = heard
+            self.cancel()
+        elif self.history and self.history[-1].role == "assistant":
             self.history[-1] = Message(role="assistant", content=heard)
 
     async def wait(self) -> None:
@@ -308,9 +313,10 @@ class Relay:
             if self._final and self._final.done()
             else self._clip(event.transcript)
         )
+        heard, self._heard = self._heard, None
         self.history += [
             Message(role="user", content=final),
-            Message(role="assistant", content=said.strip()),
+            Message(role="assistant", content=(said if heard is None else heard).strip()),
         ]
         self._emit(
             ResponseDone(t=self._clock.now(), turn_id=turn, text=said.strip(), cancelled=cancelled)

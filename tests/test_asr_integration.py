@@ -10,10 +10,10 @@ import pytest
 from asr.stage import AsrModels
 from eval.asr import replay
 from eval.datasets import Utterance, librivox
-from eval.replay import stream
 from eval.text import normalize
 from voice.clock import RealClock
 from voice.events import SpeechEnded, TranscriptFinal, TranscriptPartial
+from voice.replay import stream
 from voice.settings import Settings
 
 pytestmark = pytest.mark.integration

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
 
 import pytest
+from fakes import ScriptedModel, Verdict
 
-from llm.backend import BackendError, Message, Token
-from llm.relay import Draft, Relay, strip_seam
+from llm.backend import Message
+from llm.relay import Relay, strip_seam
 from voice.clock import VirtualClock, settle
 from voice.events import (
     DraftReady,
@@ -23,48 +23,6 @@ from voice.events import (
     TurnTranscript,
 )
 from voice.settings import LlmSettings
-
-
-def tok(text: str) -> Token:
-    return Token(text=text, logprob=-0.1, entropy=0.5, margin=2.0)
-
-
-class ScriptedModel:
-    """Streams scripted pieces, one every ``step`` seconds of virtual time."""
-
-    def __init__(
-        self, clock: VirtualClock, pieces: list[str], step: float = 0.04, fail_at: int | None = None
-    ) -> None:
-        self.clock, self.pieces, self.step, self.fail_at = clock, pieces, step, fail_at
-        self.calls: list[tuple[list[Message], str]] = []
-        self.prefills = 0
-        self.drafts: list[str] = []
-
-    async def prefill(self, messages: Sequence[Message]) -> None:
-        self.prefills += 1
-
-    async def stream(
-        self, messages: Sequence[Message], assistant_prefix: str = "", max_tokens: int = 64
-    ) -> AsyncIterator[Token]:
-        self.calls.append((list(messages), assistant_prefix))
-        for i, piece in enumerate(self.pieces):
-            await self.clock.sleep(self.step)
-            if i == self.fail_at:
-                raise BackendError("server went away")
-            yield tok(piece)
-
-    async def draft(self, history: Sequence[Message], transcript: str) -> Draft:
-        self.drafts.append(transcript)
-        await self.clock.sleep(0.1)
-        return Draft(transcript=transcript, text="Yes, I love", tokens=(tok("Yes"),))
-
-
-class Verdict:
-    def __init__(self, accept: bool) -> None:
-        self.value = accept
-
-    def accept(self, history: Sequence[Message], draft: Draft) -> bool:
-        return self.value
 
 
 class Harness:
@@ -216,11 +174,20 @@ async def test_interruption_cancels_and_history_keeps_what_was_heard():
     await h.send(TurnEnded(t=0, transcript="Do you like football", reason="test"))
     await h.send(TurnTranscript(t=0, transcript="Do you like football"))
     await h.clock.advance(0.25)
-    h.relay.cancel()
+    h.relay.interrupt("Yes, I")
     await settle()
-    assert h.done().cancelled
-    h.relay.truncate_last_reply("Yes, I")
+    assert h.done().cancelled and h.done().text.startswith("Yes, I love")
     assert h.relay.history[-1] == Message(role="assistant", content="Yes, I")
+
+
+async def test_interrupting_a_reply_already_written_truncates_its_history_entry():
+    h = Harness()
+    await h.send(TurnEnded(t=0, transcript="Do you like football", reason="test"))
+    await h.send(TurnTranscript(t=0, transcript="Do you like football"))
+    await h.run()  # the text is complete; its audio would still be playing
+    h.relay.interrupt("Yes, I love football")
+    assert h.relay.history[-1] == Message(role="assistant", content="Yes, I love football")
+    assert not h.done().cancelled
 
 
 async def test_the_slow_path_falls_back_to_the_turn_text_when_no_final_comes():

@@ -127,8 +127,25 @@ class TurnSettings:
 
 @dataclass
 class TtsSettings:
-    voice: Literal["tts-voice"] = "tts-voice"
+    """Streaming synthesis: which voice, and how a streamed reply is cut into chunks."""
+
+    voice: Literal["tts-voice", "espeak"] = "tts-voice"  # espeak: Debian espeak-ng, no model
     threads: int = 1
+    first_chunk_words: int = 4  # a reply's first chunk ends at its first clause or this many words
+    chunk_min_words: int = 8  # later chunks end at a clause boundary with at least this many words
+    chunk_max_words: int = 40  # longest chunk (cut at a space), so run-on text still streams
+
+
+@dataclass
+class SessionSettings:
+    """Full duplex: when the user's speech over a reply stops it."""
+
+    # Speech over a reply pauses it at once; these many words (not backchannels, not our own
+    # echo) make it an interruption, and no words within the window resume the reply.
+    interrupt_min_words: int = 1
+    false_interruption_ms: int = 1200
+    backchannels: str = "mm-hm, mhm, mm, hmm, uh-huh, yeah, yes, yep, right, okay, ok, sure, i see"
+    output_rate: int = 24000  # assistant audio rate when the caller does not say (talk, eval)
 
 
 @dataclass
@@ -145,6 +162,7 @@ class Settings:
     turn: TurnSettings = field(default_factory=TurnSettings)
     llm: LlmSettings = field(default_factory=LlmSettings)
     tts: TtsSettings = field(default_factory=TtsSettings)
+    session: SessionSettings = field(default_factory=SessionSettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
 
     @classmethod
