@@ -1,5 +1,6 @@
 """The responder's models, loaded once: the drafter's and the continuer's llama.cpp
-instances, and the verifier with its embedding model."""
+instances (the continuer may instead be on an HTTP server), and the verifier with its
+embedding model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 
 from llm.backend import LlamaBackend
 from llm.drafter import LlamaDrafter
+from llm.http_backend import HttpBackend
 from llm.relay import Emit, Relay
 from llm.verifier import Verifier, VerifierModel
 from voice.clock import Clock
@@ -22,8 +24,12 @@ class LlmModels:
         self.draft = LlamaBackend(
             "draft", resolve(s.draft_model, settings).path, s.draft_threads, s.context_tokens
         )
-        self.slow = LlamaBackend(
-            "slow", resolve(s.slow_model, settings).path, s.slow_threads, s.context_tokens
+        self.slow: LlamaBackend | HttpBackend = (
+            HttpBackend.from_settings("slow", s)
+            if s.slow_backend == "http"
+            else LlamaBackend(
+                "slow", resolve(s.slow_model, settings).path, s.slow_threads, s.context_tokens
+            )
         )
         embedder = TextEmbedder(resolve("embedding", settings).path, settings.embedding.threads)
         self.verifier = Verifier(VerifierModel.load(), embedder)

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,9 @@ def test_bad_env_and_file_name_their_origin(tmp_path):
 def test_as_dict_is_plain_data():
     d = Settings.load(env={}).as_dict()
     assert isinstance(d["models"]["cache_dir"], str) and d["asr"]["threads"] == 1
+
+
+def test_the_printed_settings_hide_the_api_key():
+    settings = Settings.load(env={"RELAYVOICE_LLM__HTTP_API_KEY": "sk-secret"})
+    assert settings.llm.http_api_key == "sk-secret"
+    assert "sk-secret" not in json.dumps(settings.as_dict())

@@ -103,6 +103,15 @@ class LlmSettings:
     draft_threads: int = 1
     slow_threads: int = 2
     context_tokens: int = 2048
+    # The slow model on an OpenAI-compatible server instead of in-process (llm/http_backend.py).
+    slow_backend: Literal["llama", "http"] = "llama"  # http: the http_* settings below apply
+    http_base_url: str = "http://127.0.0.1:8000/v1"  # the server's API root
+    http_model: str = ""  # model name sent with each request; empty: the server's default
+    http_api_key: str = ""  # sent as a Bearer token when set
+    http_timeout_s: float = 10.0  # connect timeout, and the longest wait for the next bytes
+    # A Jinja2 chat-template file: prompts are rendered here and sent to /completions, for
+    # servers that cannot continue a chat message (llama-cpp-python's); empty: chat API.
+    http_chat_template: str = ""
 
 
 @dataclass
@@ -230,11 +239,14 @@ class Settings:
                     self.set(f"{section_name}.{name}", value, origin)
 
     def as_dict(self) -> dict[str, dict[str, Any]]:
-        """Plain, TOML/JSON-friendly view (paths as strings)."""
+        """Plain, TOML/JSON-friendly view (paths as strings, secrets hidden)."""
         out: dict[str, dict[str, Any]] = {}
         for section in dataclasses.fields(self):
             values = dataclasses.asdict(getattr(self, section.name))
-            out[section.name] = {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}
+            out[section.name] = {
+                k: "<set>" if k.endswith("api_key") and v else str(v) if isinstance(v, Path) else v
+                for k, v in values.items()
+            }
         return out
 
 
