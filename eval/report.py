@@ -7,9 +7,14 @@ import sys
 from pathlib import Path
 
 
-def progress(n: int, total: int, label: str) -> None:
-    """One stderr line rewritten in place; a newline after the last item."""
-    print(f"\r[{n}/{total}] {label[:70]:70s}", end="\n" if n == total else "", file=sys.stderr)
+def progress(n: int, total: int, label: str, width: int = 24) -> None:
+    """A progress bar on one stderr line rewritten in place; a newline after the last item."""
+    bar = "#" * round(width * n / total)
+    print(
+        f"\r[{bar:{width}s}] {n}/{total} {label[:60]:60s}",
+        end="\n" if n == total else "",
+        file=sys.stderr,
+    )
     sys.stderr.flush()
 
 

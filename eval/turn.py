@@ -88,7 +88,7 @@ def _silence(seconds: float, rate: int) -> np.ndarray:
     return np.zeros(int(seconds * rate), np.float32)
 
 
-def _trimmed(u: Utterance) -> Utterance:
+def trimmed(u: Utterance) -> Utterance:
     """The recording without its own lead and tail silence (kept 50 ms each side), so the
     pauses a scenario inserts are the pauses the listener hears."""
     start, end = speech_bounds(u.audio, u.sample_rate)
@@ -96,7 +96,7 @@ def _trimmed(u: Utterance) -> Utterance:
     return dataclasses.replace(u, audio=u.audio[a:b])
 
 
-def _end(u: Utterance) -> float:
+def speech_stop(u: Utterance) -> float:
     return speech_bounds(u.audio, u.sample_rate)[1]
 
 
@@ -137,12 +137,12 @@ MID_SENTENCE_WORDS = frozenset(
 MAX_PROMPT_S = 6.0
 
 
-def _one_sentence(u: Utterance) -> bool:
+def one_sentence(u: Utterance) -> bool:
     """Short prompts with no sentence break inside: one turn each, not a read paragraph."""
     return u.seconds <= MAX_PROMPT_S and not re.search(r"[.?!;:]\s+\S", u.text)
 
 
-def _cut_point(models: AsrModels, u: Utterance) -> float | None:
+def cut_point(models: AsrModels, u: Utterance) -> float | None:
     """Seconds into ``u`` just after the mid-sentence word nearest its middle (Whisper word
     timestamps): the words before the cut cannot be a finished sentence."""
     segments, _ = models.whisper.transcribe(
@@ -162,16 +162,16 @@ def _cut_point(models: AsrModels, u: Utterance) -> float | None:
 
 def scenarios(models: AsrModels, split: str, quick: bool) -> list[Scenario]:
     rng = np.random.default_rng(SEED)
-    prompts = [_trimmed(u) for u in asterisk(min_words=4)[0 if split == "tune" else 1 :: 2]]
-    prompts = [u for u in prompts if _one_sentence(u)]
+    prompts = [trimmed(u) for u in asterisk(min_words=4)[0 if split == "tune" else 1 :: 2]]
+    prompts = [u for u in prompts if one_sentence(u)]
     rng.shuffle(prompts)  # type: ignore[arg-type]
     per_kind = QUICK_PER_KIND if quick else len(prompts) // 6
     books = 2 if quick else 5
-    singles = [_trimmed(u) for u in librivox()[:books]] + prompts[: per_kind - books]
+    singles = [trimmed(u) for u in librivox()[:books]] + prompts[: per_kind - books]
     out = []
     for u in singles:
         audio = np.concatenate([_silence(LEAD_S, u.sample_rate), u.audio])
-        end = LEAD_S + _end(u)
+        end = LEAD_S + speech_stop(u)
         out.append(
             Scenario(
                 u.id,
@@ -184,7 +184,7 @@ def scenarios(models: AsrModels, split: str, quick: bool) -> list[Scenario]:
     pairs = prompts[per_kind : per_kind + 2 * per_kind]
     for a, b in zip(pairs[::2], pairs[1::2], strict=False):
         gap = float(rng.uniform(0.3, 1.0))
-        first_end = LEAD_S + _end(a)
+        first_end = LEAD_S + speech_stop(a)
         second = LEAD_S + a.seconds + gap
         audio = np.concatenate(
             [_silence(LEAD_S, a.sample_rate), a.audio, _silence(gap, a.sample_rate), b.audio]
@@ -195,14 +195,14 @@ def scenarios(models: AsrModels, split: str, quick: bool) -> list[Scenario]:
                 "joined",
                 np.concatenate([audio, _silence(TAIL_S, a.sample_rate)]),
                 a.sample_rate,
-                second + _end(b),
+                second + speech_stop(b),
                 (first_end, second),
             )
         )
     for u in prompts[3 * per_kind :][: per_kind * 2]:
         if len([s for s in out if s.kind == "cut"]) == per_kind:
             break
-        at = _cut_point(models, u)
+        at = cut_point(models, u)
         if at is None:
             continue
         gap, cut = float(rng.uniform(0.3, 1.0)), int(at * u.sample_rate)
@@ -221,7 +221,7 @@ def scenarios(models: AsrModels, split: str, quick: bool) -> list[Scenario]:
                 "cut",
                 audio,
                 u.sample_rate,
-                LEAD_S + gap + _end(u),
+                LEAD_S + gap + speech_stop(u),
                 (LEAD_S + at, LEAD_S + at + gap),
             )
         )

@@ -69,6 +69,25 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument("--quick", action="store_true", help="30 turns")
     relay.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
 
+    talk = commands.add_parser(
+        "talk", help="a recorded user through the live session in real time; print the timings"
+    )
+    talk.add_argument("wav", type=Path, metavar="IN.wav", help="the user's speech (PCM16 WAV)")
+    talk.add_argument("--out", type=Path, metavar="reply.wav", help="write what the user hears")
+    talk.add_argument("--mode", choices=["relay", "cascaded", "fast"], help="default: llm.mode")
+
+    latency = suites.add_parser(
+        "latency", help="voice in to voice out through the live session: onset per mode"
+    )
+    latency.add_argument("--quick", action="store_true", help="7 dialogues, 21 turns per mode")
+    latency.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+    latency.add_argument(
+        "--csv", type=Path, default=Path("latency_turns.csv"), help="per-turn rows (CSV)"
+    )
+    latency.add_argument(
+        "--plot", type=Path, default=Path("latency_onsets.png"), help="onset distributions (PNG)"
+    )
+
     commands.add_parser(
         "turn-text",
         help='lines of text on stdin -> {"text", "p_complete", "intent"} JSON per line',
@@ -120,10 +139,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _models(args, settings)
         if args.command == "turn-text":
             return _turn_text()
+        if args.command == "talk":
+            import asyncio
+
+            from voice.talk import talk
+
+            asyncio.run(talk(settings, args.wav, args.out, args.mode))
+            return 0
         if args.command == "eval" and args.suite == "relay":
             from eval.relay import main as eval_relay
 
             return eval_relay(settings, args.quick, args.json)
+        if args.command == "eval" and args.suite == "latency":
+            from eval.latency import main as eval_latency
+
+            return eval_latency(settings, args.quick, args.json, args.csv, args.plot)
         if args.command == "eval" and args.suite == "turn":
             from eval.turn import main as eval_turn
 

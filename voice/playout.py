@@ -89,6 +89,11 @@ class Playout:
             self._on_finish(turn)
         return turn
 
+    @property
+    def queued_seconds(self) -> float:
+        """Audio waiting to be read."""
+        return sum(len(c.samples) - read for c, read in self._chunks) / self.sample_rate
+
     def heard_text(self) -> str:
         return " ".join(self._turn.heard) if self._turn else ""
 

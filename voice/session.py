@@ -222,6 +222,11 @@ class Session:
             self._observer(event)
 
     @property
+    def open_records(self) -> list[TurnRecord]:
+        """Replies still being written or played (their timelines incomplete)."""
+        return list(self._open.values())
+
+    @property
     def busy(self) -> bool:
         """A reply is being written or played."""
         return bool(self._open) or self.playout.speaking

@@ -1,0 +1,53 @@
+"""Two cores, shared by deadline: what the listener is waiting for goes first.
+
+Recognising the user's last words, judging the end of their turn and synthesising the next
+audio are short jobs with someone waiting on them; the slow model's token loop is long and can
+wait a few tens of milliseconds. Urgent jobs run inside ``CpuGate.urgent()``; the slow model
+calls ``CpuGate.wait_clear()`` between tokens and so steps aside while any urgent job runs
+(measured on the 2-core target: Piper took 380 ms to voice a 1.3 s prefix beside the slow
+model's two threads; MODELS.md measured its first audio at 21-45 ms alone).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MAX_YIELD_S = 1.0  # background work never waits longer than this for one urgent job
+
+
+class CpuGate:
+    def __init__(self) -> None:
+        self._idle = threading.Condition()
+        self._urgent = 0
+
+    @contextmanager
+    def urgent(self) -> Iterator[None]:
+        with self._idle:
+            self._urgent += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._urgent -= 1
+                if not self._urgent:
+                    self._idle.notify_all()
+
+    def wrap(self, job: Callable[P, R]) -> Callable[P, R]:
+        """``job`` run as urgent work."""
+
+        def urgent_job(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self.urgent():
+                return job(*args, **kwargs)
+
+        return urgent_job
+
+    def wait_clear(self) -> None:
+        """Background work, between two steps: wait while urgent work runs (bounded)."""
+        with self._idle:
+            self._idle.wait_for(lambda: self._urgent == 0, MAX_YIELD_S)
