@@ -18,6 +18,7 @@ from asr.vad import SAMPLE_RATE, SileroVad, VadWindow, VoiceActivityDetector
 from asr.whisper import DecodeRequest, Hypothesis, WhisperDecoder, load_whisper
 from voice.audio import AudioFormatError, check_rate, pcm16_to_float32
 from voice.clock import Clock
+from voice.cpu import CpuGate
 from voice.events import (
     AudioFrame,
     Event,
@@ -201,8 +202,10 @@ class AsrStage:
 class AsrModels:
     """The recogniser's models, loaded once and shared by every stream."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, gate: CpuGate | None = None) -> None:
+        """``gate``: decodes count as urgent work (someone waits on the transcript)."""
         self.settings = settings
+        self._gate = gate
         self.vad = SileroVad(resolve("vad", settings).path)
         self.whisper = load_whisper(
             resolve(settings.asr.model, settings).path, settings.asr.threads
@@ -213,4 +216,5 @@ class AsrModels:
         """A fresh stage for one audio stream at ``input_rate``."""
         s = self.settings
         vad = VoiceActivityDetector(self.vad.fork(), s.vad, input_rate)
-        return AsrStage(vad, StreamingRecognizer(s.asr), self.decoder.decode, clock, emit, s.vad)
+        decode = self.decoder.decode if self._gate is None else self._gate.wrap(self.decoder.decode)
+        return AsrStage(vad, StreamingRecognizer(s.asr), decode, clock, emit, s.vad)

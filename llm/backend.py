@@ -24,6 +24,7 @@ from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from llm.llama import load_llama
+from voice.cpu import CpuGate
 
 Role = Literal["system", "user", "assistant"]
 
@@ -77,8 +78,16 @@ class LlamaBackend:
     evaluates the new tokens.
     """
 
-    def __init__(self, name: str, model_file: Path, threads: int, context_tokens: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        model_file: Path,
+        threads: int,
+        context_tokens: int,
+        gate: CpuGate | None = None,
+    ) -> None:
         self.name = name
+        self._gate = gate  # when given, generation steps aside for urgent work between tokens
         self._llm = load_llama(model_file, threads, context_tokens)
         self._formatter = Jinja2ChatFormatter(
             self._llm.metadata["tokenizer.chat_template"], eos_token="", bos_token=""
@@ -164,6 +173,8 @@ class LlamaBackend:
             logprob, entropy, margin = token_signals(self._last_logits(), token)
             text = decoder.decode(self._llm.detokenize([token]))
             put(Token(text=text, logprob=logprob, entropy=entropy, margin=margin))
+            if self._gate is not None:  # before the next token is computed
+                self._gate.wait_clear()
 
     async def score(
         self, messages: Sequence[Message], text: str, assistant_prefix: str = ""

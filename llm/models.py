@@ -12,13 +12,15 @@ from llm.http_backend import HttpBackend
 from llm.relay import Emit, Relay
 from llm.verifier import Verifier, VerifierModel
 from voice.clock import Clock
+from voice.cpu import CpuGate
 from voice.embedding import TextEmbedder
 from voice.models import resolve
 from voice.settings import RelayMode, Settings
 
 
 class LlmModels:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, gate: CpuGate | None = None) -> None:
+        """``gate``: the slow model's generation steps aside for urgent work (voice.cpu)."""
         s = settings.llm
         self.settings = settings
         self.draft = LlamaBackend(
@@ -28,7 +30,11 @@ class LlmModels:
             HttpBackend.from_settings("slow", s)
             if s.slow_backend == "http"
             else LlamaBackend(
-                "slow", resolve(s.slow_model, settings).path, s.slow_threads, s.context_tokens
+                "slow",
+                resolve(s.slow_model, settings).path,
+                s.slow_threads,
+                s.context_tokens,
+                gate,
             )
         )
         embedder = TextEmbedder(resolve("embedding", settings).path, settings.embedding.threads)

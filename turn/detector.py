@@ -31,6 +31,7 @@ from turn.smart_turn import SmartTurnModel
 from turn.text_model import TextTurnModel
 from voice.audio import RingBuffer, check_rate, resample
 from voice.clock import Clock
+from voice.cpu import CpuGate
 from voice.events import (
     Event,
     Metric,
@@ -300,10 +301,14 @@ class TurnDetector:
 class TurnModels:
     """The end-of-turn models, loaded once and shared by every conversation."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, gate: CpuGate | None = None) -> None:
+        """``gate``: the audio model's runs count as urgent work (the turn waits on them)."""
         self.settings = settings
         self.audio = SmartTurnModel(
             resolve("turn-audio", settings).path, settings.turn.audio_model_threads
+        )
+        self._audio_model = (
+            self.audio.p_complete if gate is None else gate.wrap(self.audio.p_complete)
         )
         self.text = TextTurnModel.load()
 
@@ -313,5 +318,5 @@ class TurnModels:
         """A fresh detector for one conversation; ``overrides`` replace turn settings."""
         settings = dataclasses.replace(self.settings.turn, **overrides)  # type: ignore[arg-type]
         return TurnDetector(
-            settings, clock, emit, self.audio.p_complete, self.text, input_rate=input_rate
+            settings, clock, emit, self._audio_model, self.text, input_rate=input_rate
         )
