@@ -43,7 +43,7 @@ RATE = 16000
 MODES: tuple[RelayMode, ...] = ("relay", "cascaded", "fast")
 SEED = 11
 TURNS_PER_DIALOGUE = 3
-QUICK_DIALOGUES = 7
+QUICK_DIALOGUES = 6
 FULL_DIALOGUES = 16
 BARGE_IN_AFTER_S = 1.0  # into the reply's audio
 BETWEEN_TURNS_S = 0.6  # the user's own gap after a reply ends
@@ -269,11 +269,12 @@ async def run_dialogue(
     barged: float | None = None  # the next turn already began, over the last reply
     try:
         for i, turn in enumerate(dialogue.turns):
+            # Real time for a reply that will be barged into, and while one is being.
+            player.fast_forward = not turn.barge_in and barged is None
             started = barged if barged is not None else await mic.say(turn.audio)
             barged = None
             result = TurnResult(dialogue.id, mode, turn, started)
             results.append(result)
-            player.fast_forward = not turn.barge_in
             await _until(clock, lambda: not mic.speaking, 60)
             await _until(clock, lambda r=result: _reply(session, r) is not None, settle_s + 1)
             reply = _reply(session, result)

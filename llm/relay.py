@@ -144,6 +144,17 @@ class Relay:
         self._speculation = (transcript, task)
         self._background_task(self._prefill(transcript, after=task))
 
+    def _still_fits(self, drafted_on: str, transcript: str) -> bool:
+        """A speculative draft still answers ``transcript`` when it was written on the same
+        words, or on all but the last ``speculation_missing_words`` of them: the final
+        recognition of a pause often adds a word, and a prefix is a safe opening by design."""
+        before, now = _WORD.findall(drafted_on.lower()), _WORD.findall(transcript.lower())
+        missing = len(now) - len(before)
+        return (
+            0 <= missing <= self._settings.speculation_missing_words
+            and now[: len(before)] == before
+        )
+
     async def _verified_draft(self, transcript: str, speculative: bool = False) -> Draft | None:
         """A draft the verifier accepts, or None. An accepted speculative draft is announced
         (``DraftReady``) so the voice can synthesise it before the turn is confirmed."""
@@ -259,7 +270,7 @@ class Relay:
             return None
         speculation, self._speculation = self._speculation, None
         try:
-            if speculation is not None and speculation[0] == transcript:
+            if speculation is not None and self._still_fits(speculation[0], transcript):
                 return await speculation[1]
             if speculation is not None:
                 speculation[1].cancel()

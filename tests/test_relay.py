@@ -206,3 +206,21 @@ async def test_a_very_long_turn_keeps_only_its_last_words():
     await h.run()
     words = h.slow.calls[0][0][-1].content.split()
     assert len(words) == 300 and words[-1] == "w1999"
+
+
+async def test_a_draft_made_on_the_pause_still_opens_a_turn_that_grew_by_a_word():
+    h = Harness()
+    await h.send(TurnMaybeEnded(t=0, transcript="Do you like", p_complete=0.8))
+    await h.clock.advance(0.2)
+    await h.send(TurnEnded(t=0.2, transcript="Do you like football?", reason="test"))
+    await h.run()
+    assert h.fast.drafts == ["Do you like"] and h.deltas()[0] == (0.2, "Yes, I love", "prefix")
+
+
+async def test_a_draft_made_on_other_words_is_not_used():
+    h = Harness()
+    await h.send(TurnMaybeEnded(t=0, transcript="Do you like", p_complete=0.8))
+    await h.clock.advance(0.2)
+    await h.send(TurnEnded(t=0.2, transcript="Do you hate tennis and golf", reason="test"))
+    await h.run()
+    assert h.fast.drafts == ["Do you like", "Do you hate tennis and golf"]

@@ -23,6 +23,7 @@ from voice.events import (
     ResponseTextDelta,
     SpeechEnded,
     SpeechStarted,
+    StageError,
     TranscriptFinal,
     TranscriptPartial,
     TurnEnded,
@@ -315,3 +316,19 @@ async def test_audio_frames_reach_recognition_and_end_of_turn():
         frame = AudioFrame(t=0, samples=np.zeros(320, dtype=np.float32), sample_rate=16000)
         await h.session.push(frame)
         assert h.session.asr.frames == [frame]  # type: ignore[attr-defined]
+
+
+async def test_a_model_that_fails_mid_reply_ends_that_reply_and_the_conversation_goes_on():
+    async with Harness(accept=False) as h:
+        h.stages.slow.fail_at = 2
+        await h.user_turn("Do you like football")
+        await h.clock.advance(3.0)
+        (error,) = h.of(StageError)
+        assert error.stage == "llm" and "server went away" in error.message
+        (record,) = h.session.records
+        assert words_of(record.heard_text) == ["love", "football"]
+        h.stages.slow.fail_at = None
+        await h.user_turn("And tennis")
+        await h.clock.advance(3.0)
+        assert len(h.session.records) == 2
+        assert words_of(h.session.records[-1].heard_text)[-2:] == ["is", "fun"]

@@ -116,7 +116,8 @@ async def speak(h: Harness, partial: str, until: float = 1.0, final: str | None 
 async def test_complete_sentence_with_confident_models_ends_after_little_silence():
     h = Harness(p_audio=0.9, text={"I want a pizza.": (0.9, "end")})
     await speak(h, "I want a pizza.", final="I want a pizza.")
-    assert [type(e) for _, e in h.events] == [Metric, TurnMaybeEnded, Metric]  # final: again
+    # The words alone say done: maybe-ended before the audio model has answered.
+    assert [type(e) for _, e in h.events] == [TurnMaybeEnded, Metric, Metric]  # final: again
     assert h.of(Metric)[0][1].labels == {
         "audio": "0.9000",
         "text": "0.9000",
@@ -137,6 +138,15 @@ async def test_incomplete_words_wait_long_and_speech_resuming_cancels_quietly():
     await h.send(SpeechStarted(t=h.clock.now(), audio_time=1.6))
     await h.run_until(4.0)
     assert h.of(TurnEnded) == [] and h.of(TurnMaybeEnded) == [] and h.of(TurnResumed) == []
+
+
+async def test_words_that_sound_finished_signal_a_maybe_end_before_the_audio_model_answers():
+    h = Harness(p_audio=0.1, text={"I want a pizza.": (0.9, "end")})
+    await speak(h, "I want a pizza.")
+    assert [type(e) for _, e in h.events] == [TurnMaybeEnded, Metric]  # then the audio's answer
+    (_, maybe) = h.of(TurnMaybeEnded)[0]
+    assert maybe.p_complete == 0.9 and maybe.transcript == "I want a pizza."
+    assert h.of(Metric)[0][1].value == pytest.approx(0.5)  # fused: no second maybe-end
 
 
 async def test_maybe_end_then_resumed_when_the_user_goes_on():

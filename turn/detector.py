@@ -7,7 +7,8 @@ model on the words so far. Their weighted mean ``p`` sets how much silence ends 
 a lot, and nothing waits longer than the hard maximum. A late final transcript updates ``p``
 and moves the deadline. Events out:
 
-- ``TurnMaybeEnded`` as soon as a pause has ``p >= maybe_threshold`` (speculative work starts),
+- ``TurnMaybeEnded`` as soon as a pause has ``p >= maybe_threshold``, or the text model's
+  P(complete) alone does while the audio model is still running (speculative work starts),
 - ``TurnEnded`` when the silence reaches the deadline,
 - ``TurnResumed`` when speech returns after a maybe-end,
 - ``UserIntent("stop")`` when the words ask the assistant to stop or wait.
@@ -205,10 +206,11 @@ class TurnDetector:
             self._update()
 
     def _assess_text(self) -> None:
-        assert self._pause is not None and self._text_model is not None
-        self._pause.p_text = self._text_model.predict(
-            self.transcript, self.last_assistant
-        ).p_complete
+        pause = self._pause
+        assert pause is not None and self._text_model is not None
+        pause.p_text = self._text_model.predict(self.transcript, self.last_assistant).p_complete
+        if pause.p_audio is None and pause.p_text >= self._settings.maybe_threshold:
+            self._maybe(pause, pause.p_text)  # the words say done: speculate while audio runs
         self._update()
 
     def _check_intent(self) -> None:
@@ -246,12 +248,16 @@ class TurnDetector:
                 },
             )
         )
-        if not pause.maybe_sent and p >= self._settings.maybe_threshold and self.transcript:
+        if p >= self._settings.maybe_threshold:
+            self._maybe(pause, p)
+        self._schedule(p)
+
+    def _maybe(self, pause: _Pause, p: float) -> None:
+        if not pause.maybe_sent and self.transcript:
             pause.maybe_sent = True
             self._emit(
                 TurnMaybeEnded(t=self._clock.now(), transcript=self.transcript, p_complete=p)
             )
-        self._schedule(p)
 
     def _schedule(self, p: float = 0.0) -> None:
         """(Re)arm the deadline: the silence this pause needs, or the hard maximum."""

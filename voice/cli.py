@@ -79,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     latency = suites.add_parser(
         "latency", help="voice in to voice out through the live session: onset per mode"
     )
-    latency.add_argument("--quick", action="store_true", help="7 dialogues, 21 turns per mode")
+    latency.add_argument(
+        "--quick", action="store_true", help="6 dialogues, 18 turns per mode (~10 min)"
+    )
     latency.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
     latency.add_argument(
         "--csv", type=Path, default=Path("latency_turns.csv"), help="per-turn rows (CSV)"
@@ -104,6 +106,21 @@ def _turn_text() -> int:
         prediction = model.predict(text)
         record = {"text": text, "p_complete": prediction.p_complete, "intent": prediction.intent}
         print(json.dumps(record), flush=True)
+    return 0
+
+
+def _talk(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from voice.engine import Engine
+    from voice.talk import load_input, talk
+
+    load_input(args.wav)  # a bad file fails before the models load
+    engine = Engine(settings)
+    try:
+        asyncio.run(talk(engine, args.wav, args.out, args.mode))
+    finally:
+        engine.close()
     return 0
 
 
@@ -140,12 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "turn-text":
             return _turn_text()
         if args.command == "talk":
-            import asyncio
-
-            from voice.talk import talk
-
-            asyncio.run(talk(settings, args.wav, args.out, args.mode))
-            return 0
+            return _talk(args, settings)
         if args.command == "eval" and args.suite == "relay":
             from eval.relay import main as eval_relay
 

@@ -98,6 +98,8 @@ class LlmSettings:
     draft_max_words: int = 5  # a prefix ends at its first punctuation or after this many words
     draft_max_tokens: int = 12
     draft_history_turns: int = 2  # earlier exchanges the drafter sees (it is small; keep it short)
+    # A draft made at a pause still opens the reply when the turn's words grew by at most this.
+    speculation_missing_words: int = 2
     draft_model: Literal["draft-llm", "small-llm"] = "draft-llm"
     slow_model: Literal["slow-llm", "small-llm"] = "slow-llm"
     draft_threads: int = 1

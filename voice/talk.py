@@ -19,7 +19,7 @@ from voice.engine import Engine
 from voice.events import AudioFrame, Event, StageError
 from voice.replay import FRAME_S, stream
 from voice.session import Session, TurnRecord
-from voice.settings import RelayMode, Settings
+from voice.settings import RelayMode
 
 IDLE_CAP_S = 60.0  # a reply that has not finished this long after the input ends is cut
 
@@ -94,20 +94,17 @@ def _report_errors(event: Event) -> None:
 
 
 async def talk(
-    settings: Settings, wav: Path, out: Path | None, mode: RelayMode | None
+    engine: Engine, wav: Path, out: Path | None, mode: RelayMode | None
 ) -> list[TurnRecord]:
+    """Run the recording through a fresh session; write what the user hears, print the table."""
     audio, rate = load_input(wav)
-    engine = Engine(settings)
+    clock = RealClock()
+    session = engine.session(clock, input_rate=rate, mode=mode, observer=_report_errors)
     try:
-        clock = RealClock()
-        session = engine.session(clock, input_rate=rate, mode=mode, observer=_report_errors)
-        try:
-            settle_s = settings.turn.max_silence_ms / 1000 + 0.5
-            played = await converse(session, clock, audio, rate, settle_s)
-        finally:
-            await session.close()
+        settle_s = engine.settings.turn.max_silence_ms / 1000 + 0.5
+        played = await converse(session, clock, audio, rate, settle_s)
     finally:
-        engine.close()
+        await session.close()
     if out is not None:
         write_wav(out, played, session.playout.sample_rate)
     print(table(session.records))
