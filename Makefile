@@ -54,8 +54,12 @@ lint:
 test: lint
 	$(BIN)/pytest
 
+# Until the browser demo lands: a real recorded question in, the spoken reply out (reply.wav).
+DEMO_WAV := /usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0870.wav
+
 demo:
-	$(BIN)/relayvoice doctor
+	$(BIN)/relayvoice talk $(DEMO_WAV) --out reply.wav
+	@echo "wrote reply.wav: what the user hears, aligned with the input"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -16,6 +16,7 @@ reply early with a ``StageError`` saying why, and the conversation goes on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from voice.events import (
     TurnResumed,
     TurnTranscript,
 )
-from voice.settings import LlmSettings
+from voice.settings import LlmSettings, RelayMode
 
 Emit = Callable[[Event], None]
 
@@ -130,6 +131,15 @@ class Relay:
             self._start_reply(event)
         elif isinstance(event, TurnTranscript) and self._final and not self._final.done():
             self._final.set_result(self._clip(event.transcript))
+
+    @property
+    def mode(self) -> RelayMode:
+        return self._settings.mode
+
+    @mode.setter
+    def mode(self, mode: RelayMode) -> None:
+        """Switch how the next replies are made (a reply under way finishes as it began)."""
+        self._settings = dataclasses.replace(self._settings, mode=mode)
 
     def _clip(self, transcript: str) -> str:
         """The last ``max_user_words`` of a turn: a monologue must not stall the reply on

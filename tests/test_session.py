@@ -332,3 +332,13 @@ async def test_a_model_that_fails_mid_reply_ends_that_reply_and_the_conversation
         await h.clock.advance(3.0)
         assert len(h.session.records) == 2
         assert words_of(h.session.records[-1].heard_text)[-2:] == ["is", "fun"]
+
+
+async def test_the_mode_can_change_between_replies():
+    async with Harness() as h:
+        h.session.set_mode("cascaded")
+        await h.user_turn("Do you like football")
+        await h.clock.advance(3.0)
+        (record,) = h.session.records
+        assert record.mode == "cascaded" and record.verdict == "none"
+        assert h.stages.fast.drafts == []

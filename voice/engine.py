@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from asr.stage import AsrModels, AsrStage
 from llm.models import LlmModels
 from llm.relay import Relay
@@ -9,7 +11,7 @@ from tts.stage import TtsModels, TtsStage
 from turn.detector import TurnDetector, TurnModels
 from voice.clock import Clock
 from voice.cpu import CpuGate
-from voice.session import Observer, Session
+from voice.session import Observer, Session, TurnRecord
 from voice.settings import RelayMode, Settings
 
 
@@ -29,6 +31,7 @@ class Engine:
         output_rate: int | None = None,
         mode: RelayMode | None = None,
         observer: Observer | None = None,
+        on_record: Callable[[TurnRecord], None] | None = None,
     ) -> Session:
         """A new conversation: its own stages and history, the engine's models."""
         return Session(
@@ -39,6 +42,7 @@ class Engine:
             input_rate,
             output_rate or self.settings.session.output_rate,
             observer,
+            on_record,
         )
 
     # --- the stage factories a Session asks for ------------------------------------------------

@@ -136,11 +136,13 @@ class Session:
         input_rate: int,
         output_rate: int,
         observer: Observer | None = None,
+        on_record: Callable[[TurnRecord], None] | None = None,
     ) -> None:
         self._settings = settings
         self._clock = clock
         self.mode = mode
         self._observer = observer
+        self._on_record = on_record  # each reply's timeline, once its audio has ended
         self.asr = stages.asr(clock, self.route, input_rate)
         self.turn = stages.turn(clock, self.route, input_rate)
         self.relay = stages.relay(clock, self.route, mode)
@@ -155,6 +157,10 @@ class Session:
         self._maybe_ended_at: float | None = None
         self._speech_over: asyncio.Task[None] | None = None  # speech over a reply, undecided
         self._ignore_turn = False  # the user asked the assistant to stop: no answer
+
+    def set_mode(self, mode: RelayMode) -> None:
+        """relay, cascaded or fast from the next reply on (the page's mode switch)."""
+        self.mode = self.relay.mode = mode
 
     # --- input -------------------------------------------------------------------------------
 
@@ -291,6 +297,8 @@ class Session:
         record.stopped_at = played.stopped_at if record.interruption else None
         record.heard_text = " ".join(played.heard)
         self.records.append(record)
+        if self._on_record is not None:
+            self._on_record(record)
 
     # --- full duplex ---------------------------------------------------------------------------
 

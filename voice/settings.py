@@ -160,6 +160,19 @@ class SessionSettings:
 
 
 @dataclass
+class ServerSettings:
+    """`relayvoice serve`: where it listens and whom it lets in."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str = ""  # bearer token clients must send; required off loopback
+    allowed_origins: str = ""  # comma-separated origins besides the page's own
+    max_sessions: int = 4  # concurrent conversations; beyond: session_limit_reached
+    max_message_bytes: int = 1 << 20  # one websocket message (1 MiB: ~20 s of 24 kHz base64)
+    idle_timeout_s: float = 300.0  # a connection with no input this long is closed
+
+
+@dataclass
 class EmbeddingSettings:
     threads: int = 1
 
@@ -174,6 +187,7 @@ class Settings:
     llm: LlmSettings = field(default_factory=LlmSettings)
     tts: TtsSettings = field(default_factory=TtsSettings)
     session: SessionSettings = field(default_factory=SessionSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
 
     @classmethod
@@ -246,10 +260,14 @@ class Settings:
         for section in dataclasses.fields(self):
             values = dataclasses.asdict(getattr(self, section.name))
             out[section.name] = {
-                k: "<set>" if k.endswith("api_key") and v else str(v) if isinstance(v, Path) else v
+                k: "<set>" if _secret(k) and v else str(v) if isinstance(v, Path) else v
                 for k, v in values.items()
             }
         return out
+
+
+def _secret(name: str) -> bool:
+    return name.endswith(("api_key", "token"))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
