@@ -326,7 +326,7 @@ class Session:
         if self._speech_over is None:
             return
         if not self._not_an_interruption(text):
-            self._interrupt("barge-in")
+            self.interrupt("barge-in")
         elif final:  # the segment ended on a backchannel or an echo
             self._cancel_speech_over()
             self._resume()
@@ -348,10 +348,12 @@ class Session:
 
     def _on_stop_request(self) -> None:
         if not self._listening:
-            self._interrupt("stop")
+            self.interrupt("stop")
             self._ignore_turn = True
 
-    def _interrupt(self, reason: str) -> None:
+    def interrupt(self, reason: str) -> None:
+        """Stop the reply now (barge-in, a stop request, or a client's cancel); history keeps
+        what was heard."""
         self._cancel_speech_over()
         turn = self.playout.turn
         if turn is None:
