@@ -124,7 +124,7 @@ class Relay:
         if isinstance(event, SpeechStarted) and not self._background:
             self._background_task(self._warm())
         elif isinstance(event, TurnMaybeEnded) and self._settings.mode == "relay":
-            self._speculate(self._clip(event.transcript))
+            self._speculate(self._clip(event.transcript), prefill_slow=not event.speaking)
         elif isinstance(event, TurnResumed):
             self._drop_speculation()
         elif isinstance(event, TurnEnded):
@@ -148,11 +148,16 @@ class Relay:
         limit = self._settings.max_user_words
         return " ".join(words[-limit:]) if len(words) > limit else transcript
 
-    def _speculate(self, transcript: str) -> None:
-        self._drop_speculation()
-        task = asyncio.create_task(self._verified_draft(transcript, speculative=True))
-        self._speculation = (transcript, task)
-        self._background_task(self._prefill(transcript, after=task))
+    def _speculate(self, transcript: str, prefill_slow: bool) -> None:
+        """Draft for ``transcript`` unless the draft in hand still fits it; once the user
+        pauses (``prefill_slow``), the slow model also reads the turn, after the draft."""
+        current = self._speculation
+        if current is None or not self._still_fits(current[0], transcript):
+            self._drop_speculation()
+            task = asyncio.create_task(self._verified_draft(transcript, speculative=True))
+            current = self._speculation = (transcript, task)
+        if prefill_slow:
+            self._background_task(self._prefill(transcript, after=current[1]))
 
     def _still_fits(self, drafted_on: str, transcript: str) -> bool:
         """A speculative draft still answers ``transcript`` when it was written on the same

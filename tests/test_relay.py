@@ -224,3 +224,16 @@ async def test_a_draft_made_on_other_words_is_not_used():
     await h.send(TurnEnded(t=0.2, transcript="Do you hate tennis and golf", reason="test"))
     await h.run()
     assert h.fast.drafts == ["Do you like", "Do you hate tennis and golf"]
+
+
+async def test_a_draft_starts_while_the_user_speaks_and_the_slow_model_waits_for_the_pause():
+    h = Harness()
+    await h.send(TurnMaybeEnded(t=0, transcript="Do you like", p_complete=0.8, speaking=True))
+    await h.clock.advance(0.2)
+    assert h.fast.drafts == ["Do you like"] and h.slow.prefills == 0
+    await h.send(TurnMaybeEnded(t=0.2, transcript="Do you like football", p_complete=0.9))
+    await h.clock.advance(0.01)
+    assert h.fast.drafts == ["Do you like"] and h.slow.prefills == 1  # the draft still fits
+    await h.send(TurnEnded(t=0.21, transcript="Do you like football", reason="test"))
+    await h.run()
+    assert h.deltas()[0] == (0.21, "Yes, I love", "prefix")

@@ -98,7 +98,15 @@ class Harness:
         await settle()
 
     def of(self, kind: type) -> list[tuple[float, Event]]:
-        return [(t, e) for t, e in self.events if isinstance(e, kind)]
+        return [(t, e) for t, e in self.events if isinstance(e, kind) and not _speaking(e)]
+
+    def at_pauses(self) -> list[type]:
+        """Event types, leaving out maybe-ends sent while the user was still speaking."""
+        return [type(e) for _, e in self.events if not _speaking(e)]
+
+
+def _speaking(event: Event) -> bool:
+    return isinstance(event, TurnMaybeEnded) and event.speaking
 
 
 async def speak(h: Harness, partial: str, until: float = 1.0, final: str | None = None) -> None:
@@ -117,7 +125,7 @@ async def test_complete_sentence_with_confident_models_ends_after_little_silence
     h = Harness(p_audio=0.9, text={"I want a pizza.": (0.9, "end")})
     await speak(h, "I want a pizza.", final="I want a pizza.")
     # The words alone say done: maybe-ended before the audio model has answered.
-    assert [type(e) for _, e in h.events] == [TurnMaybeEnded, Metric, Metric]  # final: again
+    assert h.at_pauses() == [TurnMaybeEnded, Metric, Metric]  # final: again
     assert h.of(Metric)[0][1].labels == {
         "audio": "0.9000",
         "text": "0.9000",
@@ -143,10 +151,23 @@ async def test_incomplete_words_wait_long_and_speech_resuming_cancels_quietly():
 async def test_words_that_sound_finished_signal_a_maybe_end_before_the_audio_model_answers():
     h = Harness(p_audio=0.1, text={"I want a pizza.": (0.9, "end")})
     await speak(h, "I want a pizza.")
-    assert [type(e) for _, e in h.events] == [TurnMaybeEnded, Metric]  # then the audio's answer
+    assert h.at_pauses() == [TurnMaybeEnded, Metric]  # then the audio's answer
     (_, maybe) = h.of(TurnMaybeEnded)[0]
     assert maybe.p_complete == 0.9 and maybe.transcript == "I want a pizza."
     assert h.of(Metric)[0][1].value == pytest.approx(0.5)  # fused: no second maybe-end
+
+
+async def test_words_that_sound_finished_while_the_user_speaks_are_worth_a_draft():
+    h = Harness(text={"I want a pizza.": (0.9, "end"), "I want": (0.1, "continue")})
+    await h.run_until(0.2)
+    await h.send(SpeechStarted(t=h.clock.now(), audio_time=0.2))
+    await h.send(TranscriptPartial(t=h.clock.now(), committed="", tentative="I want"))
+    assert h.events == []  # unfinished words: nothing to draft
+    for _ in range(2):  # the same words again: one maybe-end only
+        await h.send(TranscriptPartial(t=h.clock.now(), committed="", tentative="I want a pizza."))
+    ((t, maybe),) = [(t, e) for t, e in h.events if isinstance(e, TurnMaybeEnded)]
+    assert maybe.speaking and maybe.transcript == "I want a pizza." and t == 0.2
+    assert h.of(TurnMaybeEnded) == []  # no pause yet
 
 
 async def test_maybe_end_then_resumed_when_the_user_goes_on():
@@ -154,8 +175,7 @@ async def test_maybe_end_then_resumed_when_the_user_goes_on():
     await speak(h, "I think so")
     await h.run_until(1.2)  # p = 0.6 needs 324 ms: not yet
     await h.send(SpeechStarted(t=h.clock.now(), audio_time=1.2))
-    kinds = [type(e) for _, e in h.events if not isinstance(e, Metric)]
-    assert kinds == [TurnMaybeEnded, TurnResumed]
+    assert [k for k in h.at_pauses() if k is not Metric] == [TurnMaybeEnded, TurnResumed]
     await h.run_until(4.0)
     assert h.of(TurnEnded) == []
 

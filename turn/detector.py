@@ -119,6 +119,7 @@ class TurnDetector:
         self._timer: asyncio.Task[None] | None = None
         self._assessing: set[asyncio.Task[None]] = set()
         self._stop_sent = False
+        self._drafted_on = ""  # the words the last speaking maybe-end was sent for
         self.last_assistant: str | None = None  # the assistant's last reply, for the text model
 
     @property
@@ -142,7 +143,7 @@ class TurnDetector:
             self._on_pause(event.audio_time)
         elif isinstance(event, TranscriptPartial):
             self._partial = event.text
-            self._check_intent()
+            self._check_words()
         elif isinstance(event, TranscriptFinal):
             self._on_final(event.text)
 
@@ -181,7 +182,7 @@ class TurnDetector:
         self._partial = ""
         if text:
             self._finals.append(text)
-        self._check_intent()
+        self._check_words()
         pause = self._pause
         if pause is not None and pause.due is not None:
             if self._open_segments == 0:
@@ -213,13 +214,27 @@ class TurnDetector:
             self._maybe(pause, pause.p_text)  # the words say done: speculate while audio runs
         self._update()
 
-    def _check_intent(self) -> None:
-        """A stop request ("wait", "shh") is news at once, pause or not."""
-        if self._text_model is None or self._stop_sent or not self.transcript:
+    def _check_words(self) -> None:
+        """New words: a stop request ("wait", "shh") is news at once, pause or not; words
+        that sound finished while the user still speaks are worth a speculative draft."""
+        if self._text_model is None or not self.transcript:
             return
-        if self._text_model.predict(self.transcript, self.last_assistant).intent == "stop":
+        words = self._text_model.predict(self.transcript, self.last_assistant)
+        if words.intent == "stop" and not self._stop_sent:
             self._stop_sent = True
             self._emit(UserIntent(t=self._clock.now(), intent="stop", text=self.transcript))
+        speaking = self._pause is None and self._settings.mode == "adaptive"
+        finished = words.p_complete >= self._settings.maybe_threshold
+        if speaking and finished and self.transcript != self._drafted_on:
+            self._drafted_on = self.transcript
+            self._emit(
+                TurnMaybeEnded(
+                    t=self._clock.now(),
+                    transcript=self.transcript,
+                    p_complete=words.p_complete,
+                    speaking=True,
+                )
+            )
 
     # --- decision --------------------------------------------------------------------------
 
@@ -289,6 +304,7 @@ class TurnDetector:
         transcript, finals = self.transcript, self._finals
         self._pause = None
         self._finals, self._partial, self._stop_sent = [], "", False
+        self._drafted_on = ""
         if not transcript:
             return
         self._emit(TurnEnded(t=self._clock.now(), transcript=transcript, reason=reason))

@@ -73,11 +73,15 @@ class TranscriptFinal:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TurnMaybeEnded:
-    """Early, speculative: the user may have finished. Work started on it may be thrown away."""
+    """Early, speculative: the user may have finished. Work started on it may be thrown away.
+
+    ``speaking``: the words so far sound finished but the user has not paused yet; worth a
+    cheap draft, not yet the slow model's time."""
 
     t: float
     transcript: str
     p_complete: float
+    speaking: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
