@@ -24,11 +24,11 @@ from voice.settings import TurnSettings
 
 GRID = {
     "audio_weight": (0.3, 0.5, 0.7, 0.85),
-    "min_silence_ms": (100, 200, 300, 400, 500),
+    "min_silence_ms": (0, 50, 100, 200, 300, 400, 500),
     "max_silence_ms": (1000, 1500, 2000),
     "silence_curve": (1.0, 2.0, 3.0, 4.0),
 }
-MAX_LATENCY_MS = 500.0  # well under the 800 ms baseline's ~900 ms
+MAX_LATENCY_MS = 400.0  # the onset budget; the evidence alone arrives ~200 ms into a pause
 
 
 def turn_ends(record: dict, settings: TurnSettings) -> list[float]:

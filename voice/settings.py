@@ -130,7 +130,7 @@ class TurnSettings:
     # The four below were chosen on `relayvoice eval turn --split tune` (python -m eval.turn_tune).
     audio_weight: float = 0.85  # share of the audio model in p; the text model has the rest
     maybe_threshold: float = 0.5  # p at a pause from which turn-maybe-ended fires
-    min_silence_ms: int = 100  # what a certain p = 1 still waits
+    min_silence_ms: int = 0  # what a certain p = 1 still waits (the evidence itself takes ~200 ms)
     max_silence_ms: int = 2000  # hard maximum, whatever the models say
     silence_curve: float = 1.0  # > 1: a fairly confident p already waits little
     audio_model_threads: int = 1
