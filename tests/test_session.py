@@ -28,6 +28,7 @@ from voice.events import (
     TranscriptPartial,
     TurnEnded,
     TurnMaybeEnded,
+    TurnResumed,
     TurnTranscript,
     UserIntent,
     Word,
@@ -342,3 +343,23 @@ async def test_the_mode_can_change_between_replies():
         (record,) = h.session.records
         assert record.mode == "cascaded" and record.verdict == "none"
         assert h.stages.fast.drafts == []
+
+
+async def test_a_speculation_dropped_when_the_user_goes_on_is_not_spoken():
+    async with Harness() as h:
+        now = h.clock.now()
+        await h.send(SpeechStarted(t=now, audio_time=now))
+        await h.send(SpeechEnded(t=now, audio_time=now))
+        await h.send(TurnMaybeEnded(t=now, transcript="I was thinking", p_complete=0.7))
+        await h.clock.advance(0.2)
+        await h.send(TurnResumed(t=h.clock.now()))
+        await h.send(SpeechStarted(t=h.clock.now(), audio_time=0))
+        await h.clock.advance(1.0)
+        await h.send(SpeechEnded(t=h.clock.now(), audio_time=0))
+        text = "I was thinking about the weather in Paris tomorrow"
+        await h.send(TurnEnded(t=h.clock.now(), transcript=text, reason="test"))
+        await h.send(TurnTranscript(t=h.clock.now(), transcript=text))
+        await h.clock.advance(3.0)
+        assert h.stages.fast.drafts == ["I was thinking", text]  # drafted again
+        (record,) = h.session.records
+        assert record.user_text == text and record.verdict == "accepted"
