@@ -363,3 +363,12 @@ async def test_a_speculation_dropped_when_the_user_goes_on_is_not_spoken():
         assert h.stages.fast.drafts == ["I was thinking", text]  # drafted again
         (record,) = h.session.records
         assert record.user_text == text and record.verdict == "accepted"
+
+
+async def test_closing_mid_reply_leaves_nothing_busy():
+    h = Harness()
+    async with h:
+        await h.user_turn("Do you like football")
+        await h.clock.advance(0.3)
+        assert h.session.busy
+    assert not h.session.busy and len(h.session.records) == 1

@@ -170,14 +170,16 @@ class Session:
         self.turn.push_audio(frame.samples)
 
     async def close(self) -> None:
-        """End the conversation: stop the reply, let every stage finish."""
+        """End the conversation: no new turns, the reply stopped, every stage finished."""
         self._cancel_speech_over()
-        self.relay.cancel()
-        await self.relay.wait()
         await self.asr.close()
         await self.turn.close()
-        await self.voice.close()
+        self.relay.cancel()
+        await self.relay.wait()
         await self.relay.idle()
+        await self.voice.close()
+        self.playout.stop()  # its record, if any, is kept as stopped
+        self._open.clear()
 
     # --- routing -----------------------------------------------------------------------------
 
