@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         "--plot", type=Path, default=Path("latency_onsets.png"), help="onset distributions (PNG)"
     )
 
+    serve = commands.add_parser(
+        "serve", help="serve the browser demo, /v1/realtime (OpenAI Realtime API) and /v1/pcm"
+    )
+    serve.add_argument("--host", help="listen address (default: server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default: server.port, 8080)")
+
     commands.add_parser(
         "turn-text",
         help='lines of text on stdin -> {"text", "p_complete", "intent"} JSON per line',
@@ -106,6 +112,24 @@ def _turn_text() -> int:
         prediction = model.predict(text)
         record = {"text": text, "p_complete": prediction.p_complete, "intent": prediction.intent}
         print(json.dumps(record), flush=True)
+    return 0
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+    import logging
+
+    from web.server import serve
+
+    if args.host is not None:
+        settings.server.host = args.host
+    if args.port is not None:
+        settings.server.port = args.port
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:  # while the models load; once serving, SIGINT stops it cleanly
+        return 130
     return 0
 
 
@@ -158,6 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _turn_text()
         if args.command == "talk":
             return _talk(args, settings)
+        if args.command == "serve":
+            return _serve(args, settings)
         if args.command == "eval" and args.suite == "relay":
             from eval.relay import main as eval_relay
 

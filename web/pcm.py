@@ -1,0 +1,198 @@
+"""``/v1/pcm``: the plainest way in, for telephony bridges and scripts: raw audio both ways.
+
+``GET /v1/pcm?rate=16000[&mode=relay]`` upgrades to a websocket. Binary messages in are PCM16
+mono little-endian at ``rate`` (8000, 16000, 24000 or 48000 Hz); binary messages out are the
+reply's audio at the same rate, 20 ms each, paced in real time as it is read from the
+session's playout (what is read counts as heard when the user interrupts). Nothing is sent
+between replies. Text messages out are JSON events, one ``type`` each: ``ready``,
+``speech_started``/``speech_stopped``, ``transcript_partial``/``transcript_final`` (per speech
+segment), ``turn_ended``, ``turn_transcript`` (the whole turn), ``reply_text``/``reply_done``
+(the reply as it is written), ``interrupted``, ``turn_record`` (a finished reply's timeline,
+in ms after the end of the user's speech) and ``error``. Text in: ``{"type": "mode", "mode":
+"relay|cascaded|fast"}`` switches the mode from the next reply on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, cast, get_args
+
+import numpy as np
+from aiohttp import WSMessage, WSMsgType, web
+
+from voice.audio import AudioFormatError, float32_to_pcm16, pcm16_to_float32
+from voice.events import (
+    AudioFrame,
+    Event,
+    Interrupted,
+    ResponseDone,
+    ResponseTextDelta,
+    SpeechEnded,
+    SpeechStarted,
+    StageError,
+    TranscriptFinal,
+    TranscriptPartial,
+    TurnEnded,
+    TurnTranscript,
+)
+from voice.session import TurnRecord
+from voice.settings import RelayMode
+from web.websocket import Conversation, is_reply_audio
+
+RATES = (8000, 16000, 24000, 48000)
+DEFAULT_RATE = 16000
+FRAME_S = 0.02
+MODES: tuple[str, ...] = get_args(RelayMode)
+
+Json = dict[str, Any]
+
+
+def event_message(event: Event) -> Json | None:
+    """The client's view of a session event (None: not one it is told about)."""
+    match event:
+        case SpeechStarted():
+            return {"type": "speech_started", "audio_time": event.audio_time}
+        case SpeechEnded():
+            return {"type": "speech_stopped", "audio_time": event.audio_time}
+        case TranscriptPartial():
+            return {
+                "type": "transcript_partial",
+                "committed": event.committed,
+                "tentative": event.tentative,
+            }
+        case TranscriptFinal():
+            return {"type": "transcript_final", "text": event.text}
+        case TurnEnded():
+            return {"type": "turn_ended", "transcript": event.transcript, "reason": event.reason}
+        case TurnTranscript():
+            return {"type": "turn_transcript", "transcript": event.transcript}
+        case ResponseTextDelta():
+            return {
+                "type": "reply_text",
+                "turn_id": event.turn_id,
+                "text": event.text,
+                "source": event.source,
+            }
+        case ResponseDone():
+            return {
+                "type": "reply_done",
+                "turn_id": event.turn_id,
+                "text": event.text,
+                "cancelled": event.cancelled,
+            }
+        case Interrupted():
+            return {
+                "type": "interrupted",
+                "turn_id": event.turn_id,
+                "reason": event.reason,
+                "heard_text": event.heard_text,
+            }
+        case StageError():
+            return {"type": "error", "code": f"{event.stage}_error", "message": event.message}
+    return None
+
+
+def record_message(record: TurnRecord) -> Json:
+    """A finished reply's record, its clock times (``*_at``) turned into ``*_ms``: ms after the
+    user's speech ended (None: it did not happen)."""
+    fields = dataclasses.asdict(record)
+    origin = record.speech_ended_at
+    message: Json = {"type": "turn_record"}
+    for name, value in fields.items():
+        if not name.endswith("_at"):
+            message[name] = value
+        elif name != "speech_ended_at":
+            since = None if value is None or origin is None else (value - origin) * 1000
+            message[name.removesuffix("_at") + "_ms"] = None if since is None else round(since, 1)
+    return message
+
+
+class Pcm(Conversation):
+    frame_s = FRAME_S
+
+    def __init__(self, request: web.Request) -> None:
+        self._rate_text = request.query.get("rate", str(DEFAULT_RATE))
+        try:
+            rate = int(self._rate_text)
+        except ValueError:
+            rate = 0  # refused below, with the text as given
+        super().__init__(request, rate, rate)
+        self._mode_text = request.query.get("mode")
+        if self._mode_text in MODES:
+            self.mode = cast(RelayMode, self._mode_text)
+        self._records_sent = 0
+
+    def refusal(self) -> tuple[str, str] | None:
+        if self.input_rate not in RATES:
+            return (
+                "unsupported_rate",
+                f"rate must be one of {', '.join(map(str, RATES))} (Hz); got {self._rate_text!r}",
+            )
+        if self._mode_text is not None and self.mode is None:
+            return "invalid_mode", f"mode must be one of {', '.join(MODES)}"
+        return None
+
+    def send(self, message: Json) -> None:
+        self.link.send(json.dumps(message))
+
+    def error(self, code: str, message: str) -> None:
+        self.send({"type": "error", "code": code, "message": message})
+
+    def started(self) -> None:
+        self.send({"type": "ready", "sample_rate": self.input_rate, "mode": self.session.mode})
+
+    def observe(self, event: Event) -> None:
+        if (message := event_message(event)) is not None:
+            self.send(message)
+
+    def play(self, samples: np.ndarray) -> None:
+        if is_reply_audio(self.session, samples):
+            self.link.send(float32_to_pcm16(samples))
+        self._send_records()
+
+    def _send_records(self) -> None:
+        """A reply's record appears when its audio ends or is stopped; looked for each read."""
+        for record in self.session.records[self._records_sent :]:
+            self.send(record_message(record))
+        self._records_sent = len(self.session.records)
+
+    async def handle(self, message: WSMessage) -> None:
+        if message.type is WSMsgType.BINARY:
+            await self._audio(message.data)
+            return
+        try:
+            request = json.loads(message.data)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            self.error("invalid_json", f"the message is not usable JSON: {exc}")
+            return
+        mode = request.get("mode") if isinstance(request, dict) else None
+        if not isinstance(request, dict) or request.get("type") != "mode" or mode not in MODES:
+            self.error(
+                "invalid_message",
+                f'expected {{"type": "mode", "mode": one of {", ".join(MODES)}}}; '
+                "audio goes in binary messages",
+            )
+            return
+        self.session.set_mode(mode)
+        self.send({"type": "mode", "mode": mode})
+
+    async def _audio(self, data: bytes) -> None:
+        if not data or len(data) % 2:
+            self.error(
+                "invalid_audio",
+                f"audio must be PCM16: a positive, even number of bytes; got {len(data)}",
+            )
+            return
+        frame = AudioFrame(
+            t=self.hub.clock.now(), samples=pcm16_to_float32(data), sample_rate=self.input_rate
+        )
+        try:
+            await self.session.push(frame)
+        except AudioFormatError as exc:
+            self.error("invalid_audio", str(exc))
+
+
+async def pcm_endpoint(request: web.Request) -> web.WebSocketResponse:
+    """``GET /v1/pcm``: one conversation of raw PCM per websocket."""
+    return await Pcm(request).run()

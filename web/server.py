@@ -1,0 +1,155 @@
+"""`relayvoice serve`: one aiohttp application for every transport.
+
+Routes: ``GET /`` (the browser demo) and ``GET /static/{path}``, ``GET /healthz``,
+``GET /metrics`` (Prometheus text), ``GET /v1/realtime`` (the OpenAI Realtime API,
+``web/realtime.py``), ``GET /v1/pcm`` (raw PCM, ``web/pcm.py``) and the WebRTC signalling
+(``web/webrtc.py``). Who may call them is ``web/access.py``'s business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import WSCloseCode, web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
+from yarl import URL
+
+from voice.engine import Engine
+from voice.settings import Settings, SettingsError
+from web import webrtc
+from web.access import check_exposure, refusal
+from web.hub import Hub
+from web.pcm import pcm_endpoint
+from web.realtime import realtime_endpoint
+from web.websocket import HUB, LINKS, SEND_QUEUE_BYTES, SETTINGS, Link
+
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_KEY = web.AppKey("static_dir", Path)
+# What one client may leave unread before it is closed as too slow: ~8 s of the Realtime
+# API's base64 audio, ~16 s of 16 kHz PCM.
+DEFAULT_SEND_QUEUE_BYTES = 512 * 1024
+PROMETHEUS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+log = logging.getLogger(__name__)
+
+
+def create_app(
+    hub: Hub,
+    settings: Settings,
+    *,
+    static_dir: Path = STATIC_DIR,
+    send_queue_bytes: int = DEFAULT_SEND_QUEUE_BYTES,
+) -> web.Application:
+    """The application around ``hub``: routes, access control, and every websocket closed
+    (1001) when it shuts down."""
+
+    @web.middleware
+    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
+        refused = refusal(request, settings.server)
+        return refused if refused is not None else await handler(request)
+
+    app = web.Application(middlewares=[access])
+    app[HUB], app[SETTINGS] = hub, settings
+    app[STATIC_KEY] = static_dir.resolve()
+    app[SEND_QUEUE_BYTES] = send_queue_bytes
+    app[LINKS] = set()
+    app.router.add_get("/", index)
+    app.router.add_get("/static/{path:.*}", static)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/v1/realtime", realtime_endpoint)
+    app.router.add_get("/v1/pcm", pcm_endpoint)
+    webrtc.add_routes(app, hub, settings)
+    app.on_shutdown.append(_close_links)
+    return app
+
+
+async def _close_links(app: web.Application) -> None:
+    links: set[Link] = set(app[LINKS])
+    await asyncio.gather(
+        *(link.close(WSCloseCode.GOING_AWAY, "server shutting down") for link in links)
+    )
+
+
+def _static_file(root: Path, relative: str) -> Path:
+    """``relative`` inside ``root`` (symlinks resolved), or 404: no way out of the folder, and
+    no hidden files."""
+    try:
+        path = (root / relative).resolve()
+    except (OSError, ValueError):  # a NUL byte, a symlink loop
+        raise web.HTTPNotFound() from None
+    if not path.is_relative_to(root) or not path.is_file():
+        raise web.HTTPNotFound()
+    if any(part.startswith(".") for part in path.relative_to(root).parts):
+        raise web.HTTPNotFound()
+    return path
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(_static_file(request.app[STATIC_KEY], "index.html"))
+
+
+async def static(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(_static_file(request.app[STATIC_KEY], request.match_info["path"]))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    hub = request.app[HUB]
+    server = request.app[SETTINGS].server
+    active = hub.metrics.sessions_active
+    return web.json_response(
+        {"ok": True, "sessions": {"active": active, "max": server.max_sessions}}
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    text = request.app[HUB].metrics.prometheus()
+    return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_TYPE})
+
+
+class AccessLogger(AbstractAccessLogger):
+    """aiohttp's access log without the query string, which may hold ``?token=``."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s %d %.0f ms",
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            time * 1000,
+        )
+
+
+async def serve(settings: Settings) -> None:
+    """Load the models, serve on ``server.host``:``server.port`` until SIGINT or SIGTERM, then
+    close every conversation and the engine."""
+    check_exposure(settings.server)
+    host, port = settings.server.host, settings.server.port
+    engine = Engine(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in STOP_SIGNALS:
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(create_app(Hub(engine), settings), access_log_class=AccessLogger)
+    try:
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as exc:
+            raise SettingsError(f"cannot listen on {host}:{port}: {exc}") from None
+        url = URL.build(scheme="http", host=host, port=port, path="/")
+        print(f"relayvoice: serving on {url}", file=sys.stderr)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+        engine.close()
