@@ -442,6 +442,7 @@ async def evaluate(settings: Settings, quick: bool) -> tuple[dict[str, object], 
     try:
         cases = dialogues(engine.asr_models, settings, quick)
         settle_s = settings.turn.max_silence_ms / 1000 + 0.5
+        await engine.warm()
         await run_dialogue(engine, Dialogue("warm-up", cases[0].turns[:1]), "relay", settle_s)
         results: list[TurnResult] = []
         total, n = len(cases) * len(MODES), 0

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
+import numpy as np
+
 from asr.stage import AsrModels, AsrStage
+from llm.backend import Message
 from llm.models import LlmModels
 from llm.relay import Relay
 from tts.stage import TtsModels, TtsStage
@@ -44,6 +48,16 @@ class Engine:
             observer,
             on_record,
         )
+
+    async def warm(self) -> None:
+        """Run each model once (weights paged in, the system prompt in both LLMs' caches),
+        so that the first reply of the first conversation is not the slow one."""
+        system = [Message(role="system", content=self.settings.llm.system_prompt)]
+        await self.llm_models.drafter.prefill(system)
+        await self.llm_models.slow.prefill(system)
+        silence = np.zeros(16000, np.float32)
+        await asyncio.to_thread(self.turn_models.audio.p_complete, silence)
+        await asyncio.to_thread(self.tts_models.voice.synthesize, "Hello.")
 
     # --- the stage factories a Session asks for ------------------------------------------------
 

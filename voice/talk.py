@@ -98,6 +98,7 @@ async def talk(
 ) -> list[TurnRecord]:
     """Run the recording through a fresh session; write what the user hears, print the table."""
     audio, rate = load_input(wav)
+    await engine.warm()
     clock = RealClock()
     session = engine.session(clock, input_rate=rate, mode=mode, observer=_report_errors)
     try:

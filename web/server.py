@@ -133,6 +133,7 @@ async def serve(settings: Settings) -> None:
     check_exposure(settings.server)
     host, port = settings.server.host, settings.server.port
     engine = Engine(settings)
+    await engine.warm()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
