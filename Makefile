@@ -56,12 +56,9 @@ lint:
 test: lint
 	$(BIN)/pytest
 
-# Until the browser demo lands: a real recorded question in, the spoken reply out (reply.wav).
-DEMO_WAV := /usr/share/pocketsphinx/test/data/librivox/sense_and_sensibility_01_austen_64kb-0870.wav
-
 demo:
-	$(BIN)/relayvoice talk $(DEMO_WAV) --out reply.wav
-	@echo "wrote reply.wav: what the user hears, aligned with the input"
+	@echo "open http://127.0.0.1:8080 in a browser, allow the microphone and talk (Ctrl-C stops)"
+	$(BIN)/relayvoice serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
