@@ -8,19 +8,14 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from fakes import ScriptedModel, Verdict
+from fakes import FakeStages
 
 from llm.backend import Message
-from llm.relay import Relay
-from voice.clock import Clock, VirtualClock, settle
+from voice.clock import VirtualClock, settle
 from voice.events import (
-    AudioDone,
     AudioFrame,
-    AudioOut,
     Event,
     Interrupted,
-    ResponseDone,
-    ResponseTextDelta,
     SpeechEnded,
     SpeechStarted,
     StageError,
@@ -31,121 +26,17 @@ from voice.events import (
     TurnResumed,
     TurnTranscript,
     UserIntent,
-    Word,
 )
-from voice.session import Observer, Session, words_of
-from voice.settings import LlmSettings, RelayMode, SessionSettings
+from voice.session import Session, words_of
+from voice.settings import RelayMode, SessionSettings
 
 RATE = 8000
-WORD_S = 0.1
-SYNTH_S = 0.03
-
-
-class FakeAsr:
-    def __init__(self) -> None:
-        self.frames: list[AudioFrame] = []
-
-    async def push(self, frame: AudioFrame) -> None:
-        self.frames.append(frame)
-
-    async def close(self) -> None:
-        pass
-
-
-class FakeTurn:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.last_assistant: str | None = None
-
-    def push_audio(self, samples: np.ndarray) -> None:
-        pass
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    async def close(self) -> None:
-        pass
-
-
-class FakeVoice:
-    """Each text delta becomes one chunk, ``WORD_S`` per word, ``SYNTH_S`` after it arrives."""
-
-    def __init__(self, clock: VirtualClock, emit: Observer, rate: int) -> None:
-        self.clock, self.emit, self.rate = clock, emit, rate
-        self.cancelled: set[int] = set()
-        self.tasks: list[asyncio.Task[None]] = []
-        self.presynthesised: list[str] = []
-
-    def on_event(self, event: Event) -> None:
-        if isinstance(event, ResponseTextDelta | ResponseDone):
-            self.tasks.append(asyncio.create_task(self._speak(event)))
-        elif hasattr(event, "transcript"):  # DraftReady
-            self.presynthesised.append(event.text)  # type: ignore[attr-defined]
-
-    async def _speak(self, event: ResponseTextDelta | ResponseDone) -> None:
-        if len(self.tasks) > 1:
-            await asyncio.gather(*self.tasks[:-1], return_exceptions=True)  # in order
-        await self.clock.sleep(SYNTH_S)
-        if event.turn_id in self.cancelled:
-            return
-        if isinstance(event, ResponseDone):
-            self.emit(AudioDone(t=self.clock.now(), turn_id=event.turn_id))
-            return
-        words = event.text.split()
-        if not words:
-            return
-        timed = tuple(
-            Word(text=w, start=i * WORD_S, end=(i + 1) * WORD_S) for i, w in enumerate(words)
-        )
-        samples = np.full(round(len(words) * WORD_S * self.rate), 0.1, dtype=np.float32)
-        self.emit(
-            AudioOut(
-                t=self.clock.now(),
-                turn_id=event.turn_id,
-                samples=samples,
-                sample_rate=self.rate,
-                text=event.text,
-                words=timed,
-            )
-        )
-
-    def cancel(self, turn_id: int) -> None:
-        self.cancelled.add(turn_id)
-        self.emit(AudioDone(t=self.clock.now(), turn_id=turn_id, cancelled=True))
-
-    async def close(self) -> None:
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-class FakeStages:
-    def __init__(self, clock: VirtualClock, accept: bool = True) -> None:
-        self.clock = clock
-        self.fast = ScriptedModel(clock, ["Sure", ",", " fast", " reply", "."])
-        self.slow = ScriptedModel(
-            clock, [" love", " football", " because", " it", " is", " fun", "."], step=0.02
-        )
-        self.accept = accept
-        self.fake_voice: FakeVoice | None = None
-
-    def asr(self, clock: Clock, emit: Observer, input_rate: int) -> FakeAsr:
-        return FakeAsr()
-
-    def turn(self, clock: Clock, emit: Observer, input_rate: int) -> FakeTurn:
-        return FakeTurn()
-
-    def relay(self, clock: Clock, emit: Observer, mode: RelayMode) -> Relay:
-        settings = LlmSettings(mode=mode)
-        return Relay(settings, self.fast, Verdict(self.accept), self.slow, clock, emit)
-
-    def voice(self, clock: Clock, emit: Observer, output_rate: int) -> FakeVoice:
-        self.fake_voice = FakeVoice(self.clock, emit, output_rate)
-        return self.fake_voice
 
 
 class Harness:
     def __init__(self, mode: RelayMode = "relay", accept: bool = True) -> None:
         self.clock = VirtualClock()
-        self.stages = FakeStages(self.clock, accept)
+        self.stages = FakeStages(self.clock, accept=accept)
         self.events: list[tuple[float, Event]] = []
         self.session = Session(
             self.stages,  # type: ignore[arg-type]
@@ -328,6 +219,7 @@ async def test_a_model_that_fails_mid_reply_ends_that_reply_and_the_conversation
         assert error.stage == "llm" and "server went away" in error.message
         (record,) = h.session.records
         assert words_of(record.heard_text) == ["love", "football"]
+        assert record.errors == [f"llm: {error.message}"]
         h.stages.slow.fail_at = None
         await h.user_turn("And tennis")
         await h.clock.advance(3.0)

@@ -35,7 +35,7 @@ def test_talk_answers_a_librivox_sentence_with_english_speech(engine, tmp_path, 
     table = capsys.readouterr().out
     assert re.search(r"^1 \| .*Dashwood", table, re.MULTILINE), table
     (record,) = records
-    assert record.first_audio_out_at is not None and record.reply_text
+    assert record.first_audio_out_at is not None and record.reply_text, record.errors
 
     reply, rate = read_wav(out)
     assert rate == engine.settings.session.output_rate

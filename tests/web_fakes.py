@@ -4,7 +4,8 @@ transports' tests exercise every byte on the wire without loading a model.
 A tone is speech: each tone is one speech segment whose words are ``SENTENCE`` (one more word
 committed per 0.1 s of tone), and the turn ends ``TURN_GAP_S`` after its final transcript. The
 relay is the real one over scripted models; the voice turns each word into ``WORD_S`` of a
-constant, audible signal.
+constant, audible signal (``fakes.FakeStages``). ``FakeEngine`` builds sessions on other stages
+too, and ``serving`` serves any engine, the real one included.
 """
 
 from __future__ import annotations
@@ -17,37 +18,30 @@ from dataclasses import dataclass
 
 import numpy as np
 from aiohttp import web
-from fakes import ScriptedModel, Verdict
+from fakes import REPLY, FakeStages
 
-from llm.relay import Relay
 from voice.audio import AudioFormatError, float32_to_pcm16
 from voice.clock import Clock, RealClock
+from voice.engine import Engine
 from voice.events import (
-    AudioDone,
     AudioFrame,
-    AudioOut,
     Event,
-    ResponseDone,
-    ResponseTextDelta,
     SpeechEnded,
     SpeechStarted,
     TranscriptFinal,
     TranscriptPartial,
     TurnEnded,
     TurnTranscript,
-    Word,
 )
 from voice.session import Observer, Session, TurnRecord
-from voice.settings import LlmSettings, RelayMode, Settings
+from voice.settings import RelayMode, Settings
 from web.hub import Hub
 from web.server import create_app
 
 SENTENCE = "do you like football"
-WORD_S = 0.1
 TURN_GAP_S = 0.1
 WINDOW_S = 0.02
 LOUD = 0.05
-REPLY = [" love", " football", " because", " it", " is", " fun", "."]
 
 
 def speech(rate: int, tone_s: float = 0.5, silence_s: float = 0.3) -> np.ndarray:
@@ -137,59 +131,8 @@ class GapTurn:
             await asyncio.gather(self.timer, return_exceptions=True)
 
 
-class ConstantVoice:
-    """Each text delta becomes one chunk of ``WORD_S`` per word, 30 ms after it arrives
-    (punctuation alone is not spoken)."""
-
-    def __init__(self, emit: Observer, clock: Clock, rate: int) -> None:
-        self.emit, self.clock, self.rate = emit, clock, rate
-        self.cancelled: set[int] = set()
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def on_event(self, event: Event) -> None:
-        if isinstance(event, ResponseTextDelta | ResponseDone):
-            self.tasks.append(asyncio.create_task(self._speak(event, self.tasks[-1:])))
-
-    async def _speak(
-        self, event: ResponseTextDelta | ResponseDone, before: list[asyncio.Task[None]]
-    ) -> None:
-        await asyncio.gather(*before, return_exceptions=True)  # in order
-        await self.clock.sleep(0.03)
-        if event.turn_id in self.cancelled:
-            return
-        if isinstance(event, ResponseDone):
-            self.emit(AudioDone(t=self.clock.now(), turn_id=event.turn_id))
-            return
-        words = [w for w in event.text.split() if any(c.isalnum() for c in w)]
-        if not words:
-            return
-        timed = tuple(
-            Word(text=w, start=i * WORD_S, end=(i + 1) * WORD_S) for i, w in enumerate(words)
-        )
-        samples = np.full(round(len(words) * WORD_S * self.rate), 0.2, dtype=np.float32)
-        self.emit(
-            AudioOut(
-                t=self.clock.now(),
-                turn_id=event.turn_id,
-                samples=samples,
-                sample_rate=self.rate,
-                text=event.text,
-                words=timed,
-            )
-        )
-
-    def cancel(self, turn_id: int) -> None:
-        if turn_id not in self.cancelled:
-            self.cancelled.add(turn_id)
-            self.emit(AudioDone(t=self.clock.now(), turn_id=turn_id, cancelled=True))
-
-    async def close(self) -> None:
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-class FakeStages:
-    def __init__(self, clock: Clock, reply: list[str]) -> None:
-        self.clock, self.reply = clock, reply
+class ToneStages(FakeStages):
+    """A tone is speech (``ToneAsr``) and a pause ends the turn (``GapTurn``)."""
 
     def asr(self, clock: Clock, emit: Observer, input_rate: int) -> ToneAsr:
         return ToneAsr(emit, clock, input_rate)
@@ -197,21 +140,20 @@ class FakeStages:
     def turn(self, clock: Clock, emit: Observer, input_rate: int) -> GapTurn:
         return GapTurn(emit, clock)
 
-    def relay(self, clock: Clock, emit: Observer, mode: RelayMode) -> Relay:
-        fast = ScriptedModel(clock, ["Sure", ",", " fast", " reply", "."])  # type: ignore[arg-type]
-        slow = ScriptedModel(clock, self.reply, step=0.02)  # type: ignore[arg-type]
-        return Relay(LlmSettings(mode=mode), fast, Verdict(True), slow, clock, emit)
-
-    def voice(self, clock: Clock, emit: Observer, output_rate: int) -> ConstantVoice:
-        return ConstantVoice(emit, clock, output_rate)
-
 
 class FakeEngine:
-    """``Engine`` as the hub uses it: settings, and a new session per conversation."""
+    """``Engine`` as the hub and ``serve`` use it: settings, and a new session per conversation
+    on ``stages`` (built with the session's clock and ``reply``)."""
 
-    def __init__(self, settings: Settings | None = None, reply: list[str] = REPLY) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        reply: list[str] = REPLY,
+        stages: Callable[[Clock, list[str]], FakeStages] = ToneStages,
+    ) -> None:
         self.settings = settings or Settings()
         self.reply = reply
+        self.stages = stages
         self.sessions: list[Session] = []
         self.closed = False
 
@@ -225,7 +167,7 @@ class FakeEngine:
         on_record: Callable[[TurnRecord], None] | None = None,
     ) -> Session:
         session = Session(
-            FakeStages(clock, self.reply),  # type: ignore[arg-type]
+            self.stages(clock, self.reply),
             self.settings.session,
             clock,
             mode or self.settings.llm.mode,
@@ -237,6 +179,9 @@ class FakeEngine:
         self.sessions.append(session)
         return session
 
+    async def warm(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
 
@@ -245,7 +190,7 @@ class FakeEngine:
 class Served:
     url: str  # http://127.0.0.1:PORT
     hub: Hub
-    engine: FakeEngine
+    engine: FakeEngine | Engine
 
     @property
     def ws_url(self) -> str:
@@ -253,7 +198,9 @@ class Served:
 
 
 @asynccontextmanager
-async def serving(engine: FakeEngine | None = None, **options: object) -> AsyncIterator[Served]:
+async def serving(
+    engine: FakeEngine | Engine | None = None, **options: object
+) -> AsyncIterator[Served]:
     """The app on 127.0.0.1 on a free port, for the duration of the block."""
     engine = engine or FakeEngine()
     hub = Hub(engine, RealClock())  # type: ignore[arg-type]

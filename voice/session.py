@@ -35,6 +35,7 @@ from voice.events import (
     ResponseTextDelta,
     SpeechEnded,
     SpeechStarted,
+    StageError,
     TranscriptFinal,
     TranscriptPartial,
     TurnEnded,
@@ -226,6 +227,9 @@ class Session:
                 self._on_audio(event)
             case AudioDone():
                 self.playout.produced_all(event.turn_id)
+            case StageError():
+                if (record := self._open.get(self.relay.turn_id)) is not None:
+                    record.errors.append(f"{event.stage}: {event.message}")
         if self._observer is not None:
             self._observer(event)
 

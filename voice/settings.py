@@ -92,7 +92,7 @@ class LlmSettings:
     )
     max_reply_tokens: int = 80
     max_user_words: int = 300  # longer turns keep only their last words in the prompt
-    first_token_timeout_s: float = 5.0  # a backend silent this long ends the reply (with a reason)
+    first_token_timeout_s: float = 10.0  # a backend silent this long ends the reply (with a reason)
     token_timeout_s: float = 2.0  # the same, between two tokens
     final_transcript_wait_s: float = 1.0  # the slow path waits this long for the final transcript
     draft_max_words: int = 5  # a prefix ends at its first punctuation or after this many words
