@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager
 import aiohttp
 import numpy as np
 import pytest
-from web_fakes import SENTENCE, WORD_S, pcm, serving, speech
+from fakes import WORD_S
+from web_fakes import SENTENCE, pcm, serving, speech
 
 from voice.audio import pcm16_to_float32
 

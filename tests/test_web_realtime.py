@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
+from fakes import WORD_S
 from openai import AsyncOpenAI
 from openai.types.realtime import (
     ConversationItemInputAudioTranscriptionCompletedEvent,
@@ -19,7 +20,7 @@ from openai.types.realtime import (
     SessionCreatedEvent,
     SessionUpdatedEvent,
 )
-from web_fakes import SENTENCE, WORD_S, FakeEngine, b64, serving, speech
+from web_fakes import SENTENCE, FakeEngine, b64, serving, speech
 from websockets.exceptions import InvalidStatus
 
 from voice.audio import pcm16_to_float32

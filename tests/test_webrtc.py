@@ -22,35 +22,25 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from fakes import ScriptedModel, Verdict
-from playwright.async_api import Browser, async_playwright, expect
+from fakes import FakeAsr, FakeStages, FakeVoice
+from playwright.async_api import Browser, Page, async_playwright, expect
+from web_fakes import FakeEngine, serving
 
 from eval.datasets import LIBRIVOX_DIR
-from llm.relay import Relay
 from voice.audio import read_wav, resample, write_wav
 from voice.clock import Clock
 from voice.events import (
-    AudioDone,
     AudioFrame,
-    AudioOut,
-    Event,
-    ResponseDone,
-    ResponseTextDelta,
     SpeechEnded,
     SpeechStarted,
     TranscriptPartial,
     TurnEnded,
     TurnTranscript,
-    Word,
 )
-from voice.session import Observer, Session, TurnRecord
-from voice.settings import LlmSettings, RelayMode, Settings
+from voice.session import Observer
 from web import webrtc
-from web.hub import Hub
-from web.server import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 USER_TEXT = "Do you like football"
@@ -65,16 +55,16 @@ def rms(samples: np.ndarray) -> float:
 # --- the scripted pipeline -------------------------------------------------------------------
 
 
-class ScriptedListener:
+class ScriptedListener(FakeAsr):
     """Says the scripted user turn once, after a second of sound (RMS above 0.01)."""
 
     def __init__(self, clock: Clock, emit: Observer) -> None:
+        super().__init__()
         self.clock, self.emit = clock, emit
-        self.frames: list[AudioFrame] = []
         self.voiced = 0.0
 
     async def push(self, frame: AudioFrame) -> None:
-        self.frames.append(frame)
+        await super().push(frame)
         before = self.voiced
         if rms(frame.samples) > 0.01:
             self.voiced += frame.duration
@@ -88,136 +78,31 @@ class ScriptedListener:
             self.emit(TurnEnded(t=now, transcript=USER_TEXT, reason="scripted"))
             self.emit(TurnTranscript(t=now, transcript=USER_TEXT))
 
-    async def close(self) -> None:
-        pass
 
+class ScriptedStages(FakeStages):
+    """The listener's script ends the turn; the voice speaks each word, punctuation included,
+    as ``WORD_S`` of tone (constant audio would be removed by Opus's DC filter)."""
 
-class QuietTurn:
-    """End of turn comes from the listener's script."""
-
-    last_assistant: str | None = None
-
-    def push_audio(self, samples: np.ndarray) -> None:
-        pass
-
-    def on_event(self, event: Event) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-
-class ToneVoice:
-    """Each text delta becomes ``WORD_S`` of tone per word, 30 ms after it arrives, in order."""
-
-    def __init__(self, clock: Clock, emit: Observer, rate: int) -> None:
-        self.clock, self.emit, self.rate = clock, emit, rate
-        self.cancelled: set[int] = set()
-        self.queue: asyncio.Queue[ResponseTextDelta | ResponseDone] = asyncio.Queue()
-        self.worker = asyncio.ensure_future(self._speak())
-
-    def on_event(self, event: Event) -> None:
-        if isinstance(event, ResponseTextDelta | ResponseDone):
-            self.queue.put_nowait(event)
-
-    async def _speak(self) -> None:
-        while True:
-            event = await self.queue.get()
-            await self.clock.sleep(0.03)
-            if event.turn_id in self.cancelled:
-                continue
-            if isinstance(event, ResponseDone):
-                self.emit(AudioDone(t=self.clock.now(), turn_id=event.turn_id))
-                continue
-            words = event.text.split()
-            if not words:
-                continue
-            t = np.arange(round(len(words) * WORD_S * self.rate)) / self.rate
-            self.emit(
-                AudioOut(
-                    t=self.clock.now(),
-                    turn_id=event.turn_id,
-                    samples=(0.3 * np.sin(2 * np.pi * TONE_HZ * t)).astype(np.float32),
-                    sample_rate=self.rate,
-                    text=event.text,
-                    words=tuple(
-                        Word(text=w, start=i * WORD_S, end=(i + 1) * WORD_S)
-                        for i, w in enumerate(words)
-                    ),
-                )
-            )
-
-    def cancel(self, turn_id: int) -> None:
-        self.cancelled.add(turn_id)
-        self.emit(AudioDone(t=self.clock.now(), turn_id=turn_id, cancelled=True))
-
-    async def close(self) -> None:
-        self.worker.cancel()
-        await asyncio.gather(self.worker, return_exceptions=True)
-
-
-class ScriptedEngine:
-    """What the hub needs of ``voice.engine.Engine``, with scripted stages."""
-
-    def __init__(self, max_sessions: int = 4) -> None:
-        self.settings = Settings()
-        self.settings.server.max_sessions = max_sessions
-        self.listeners: list[ScriptedListener] = []
-        self.sessions: list[Session] = []
-
-    def session(
-        self,
-        clock: Clock,
-        input_rate: int = 16000,
-        output_rate: int | None = None,
-        mode: RelayMode | None = None,
-        observer: Observer | None = None,
-        on_record: Callable[[TurnRecord], None] | None = None,
-    ) -> Session:
-        session = Session(
-            self,  # type: ignore[arg-type]
-            self.settings.session,
-            clock,
-            mode or "relay",
-            input_rate,
-            output_rate or 24000,
-            observer,
-            on_record,
-        )
-        self.sessions.append(session)
-        return session
+    def __init__(self, clock: Clock, reply: list[str]) -> None:
+        super().__init__(clock, reply, step=0.04)
 
     def asr(self, clock: Clock, emit: Observer, input_rate: int) -> ScriptedListener:
         assert input_rate == webrtc.RATE
-        self.listeners.append(ScriptedListener(clock, emit))
-        return self.listeners[-1]
+        return ScriptedListener(clock, emit)
 
-    def turn(self, clock: Clock, emit: Observer, input_rate: int) -> QuietTurn:
-        return QuietTurn()
-
-    def relay(self, clock: Clock, emit: Observer, mode: RelayMode) -> Relay:
-        fast = ScriptedModel(clock, ["Sure", ",", " fast", " reply", "."])  # type: ignore[arg-type]
-        slow = ScriptedModel(clock, [" love", " football", " because", " it", " is", " fun", "."])  # type: ignore[arg-type]
-        return Relay(LlmSettings(mode=mode), fast, Verdict(True), slow, clock, emit)
-
-    def voice(self, clock: Clock, emit: Observer, output_rate: int) -> ToneVoice:
-        return ToneVoice(clock, emit, output_rate)
+    def voice(self, clock: Clock, emit: Observer, output_rate: int) -> FakeVoice:
+        return FakeVoice(
+            clock, emit, output_rate, word_s=WORD_S, level=0.3, tone_hz=TONE_HZ, punctuation=True
+        )
 
 
-# --- serving and waiting ---------------------------------------------------------------------
+def scripted_engine(max_sessions: int = 4) -> FakeEngine:
+    engine = FakeEngine(stages=ScriptedStages)
+    engine.settings.server.max_sessions = max_sessions
+    return engine
 
 
-@asynccontextmanager
-async def serve(hub: Hub, settings: Settings) -> AsyncIterator[str]:
-    """``relayvoice serve``'s application on 127.0.0.1 (a free port); yields its base URL."""
-    runner = web.AppRunner(create_app(hub, settings))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
+# --- waiting and posting ---------------------------------------------------------------------
 
 
 async def until(condition: Callable[[], Any], timeout: float, what: str) -> None:
@@ -301,15 +186,14 @@ class Caller:
 
 
 async def test_bad_offers_are_refused_with_a_json_error():
-    engine = ScriptedEngine()
+    engine = scripted_engine()
     engine.settings.server.max_message_bytes = 8192
     no_audio = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     no_audio.createDataChannel("events")
     await no_audio.setLocalDescription(await no_audio.createOffer())
     data_only = no_audio.localDescription.sdp
     await no_audio.close()
-    hub = Hub(engine)  # type: ignore[arg-type]
-    async with serve(hub, engine.settings) as url:
+    async with serving(engine) as served:
         cases = [
             ("{not json", "invalid_json"),
             ("[1, 2]", "invalid_request"),
@@ -325,35 +209,33 @@ async def test_bad_offers_are_refused_with_a_json_error():
             (json.dumps({"sdp": "v=0\r\nm=audio 9 RTP/AVP 0\r\n", "type": "offer"}), "invalid_sdp"),
         ]
         for body, code in cases:
-            status, answer = await post(url, body)
+            status, answer = await post(served.url, body)
             assert (status, answer["error"]["code"]) == (400, code), body
             assert answer["error"]["message"]
-        status, answer = await post(url, json.dumps({"sdp": "a" * 8192, "type": "offer"}))
+        status, answer = await post(served.url, json.dumps({"sdp": "a" * 8192, "type": "offer"}))
         assert (status, answer["error"]["code"]) == (413, "too_large")
     # only the last offer got as far as a session (aiortc refused it), which was closed at once
-    assert (hub.metrics.sessions_total, hub.metrics.sessions_active) == (1, 0)
+    assert (served.hub.metrics.sessions_total, served.hub.metrics.sessions_active) == (1, 0)
 
 
 async def test_a_full_server_answers_503_before_any_connection_is_made():
-    engine = ScriptedEngine(max_sessions=0)
-    hub = Hub(engine)  # type: ignore[arg-type]
+    engine = scripted_engine(max_sessions=0)
     caller = Caller()
-    async with serve(hub, engine.settings) as url:
+    async with serving(engine) as served:
         await caller.pc.setLocalDescription(await caller.pc.createOffer())
         status, answer = await post(
-            url, json.dumps({"sdp": caller.pc.localDescription.sdp, "type": "offer"})
+            served.url, json.dumps({"sdp": caller.pc.localDescription.sdp, "type": "offer"})
         )
     await caller.hang_up()
     assert status == 503 and answer["error"]["code"] == "session_limit_reached"
-    assert hub.metrics.sessions_refused == 1 and not engine.sessions
+    assert served.hub.metrics.sessions_refused == 1 and not engine.sessions
 
 
 async def test_a_peer_talks_to_the_session_and_hears_the_reply_as_it_plays():
-    engine = ScriptedEngine()
-    hub = Hub(engine)  # type: ignore[arg-type]
+    engine = scripted_engine()
     caller = Caller()
-    async with serve(hub, engine.settings) as url:
-        await caller.call(url, mode="cascaded")
+    async with serving(engine) as served:
+        await caller.call(served.url, mode="cascaded")
         await until(lambda: caller.of("ready"), 5, "ready message")
         assert caller.of("ready")[0]["mode"] == "cascaded"
         caller.send({"type": "ping"})
@@ -364,8 +246,8 @@ async def test_a_peer_talks_to_the_session_and_hears_the_reply_as_it_plays():
         assert caller.of("error")[0]["code"] == "bad_message"
 
         await until(lambda: caller.of("turn_latency"), 15, "finished reply")
-        (listener,) = engine.listeners
-        heard_in = np.concatenate([f.samples for f in listener.frames])
+        (session,) = engine.sessions
+        heard_in = np.concatenate([f.samples for f in session.asr.frames])
         assert rms(heard_in) > 0.1  # the tone, through Opus both ways
         assert [m["text"] for m in caller.of("transcript_final")] == [USER_TEXT]
         assert caller.of("speech_started") and caller.of("transcript_partial")
@@ -382,15 +264,14 @@ async def test_a_peer_talks_to_the_session_and_hears_the_reply_as_it_plays():
         assert rms(np.concatenate(caller.heard)) > 0.01  # the reply's tone arrived
 
         await caller.hang_up()
-        await until(lambda: hub.metrics.sessions_active == 0, 5, "session ended by hang-up")
+        await until(lambda: served.hub.metrics.sessions_active == 0, 5, "session ended by hang-up")
 
 
 async def test_a_barge_in_stops_the_reply_text_where_its_audio_stopped():
-    engine = ScriptedEngine()
-    hub = Hub(engine)  # type: ignore[arg-type]
+    engine = scripted_engine()
     caller = Caller()
-    async with serve(hub, engine.settings) as url:
-        await caller.call(url)
+    async with serving(engine) as served:
+        await caller.call(served.url)
         await until(lambda: caller.of("reply_text"), 15, "the reply's first words")
         session, now = engine.sessions[0], time.monotonic()
         session.route(SpeechStarted(t=now, audio_time=now))
@@ -410,22 +291,21 @@ async def test_a_barge_in_stops_the_reply_text_where_its_audio_stopped():
 
 async def test_a_silent_peer_is_dropped_and_shutdown_closes_the_rest(monkeypatch):
     monkeypatch.setattr(webrtc, "PEER_TIMEOUT_S", 1.0)
-    engine = ScriptedEngine()
-    hub = Hub(engine)  # type: ignore[arg-type]
+    engine = scripted_engine()
     silent, chatty = Caller(), Caller()
-    async with serve(hub, engine.settings) as url:
-        await silent.call(url)
-        await chatty.call(url)
-        assert hub.metrics.sessions_active == 2
+    async with serving(engine) as served:
+        await silent.call(served.url)
+        await chatty.call(served.url)
+        assert served.hub.metrics.sessions_active == 2
         started = time.monotonic()
         while time.monotonic() - started < 2.5:
             if chatty.channel.readyState == "open":
                 chatty.send({"type": "ping"})
             await asyncio.sleep(0.3)
-        assert hub.metrics.sessions_active == 1  # the caller that never pinged is gone
+        assert served.hub.metrics.sessions_active == 1  # the caller that never pinged is gone
         assert silent.of("closed") and not chatty.of("closed")
         assert "no message" in silent.of("closed")[0]["reason"]
-    assert hub.metrics.sessions_active == 0  # app shutdown ended the other
+    assert served.hub.metrics.sessions_active == 0  # app shutdown ended the other
     await silent.hang_up()
     await chatty.hang_up()
 
@@ -465,14 +345,18 @@ async def chromium(microphone: Path, allow_microphone: bool = True) -> AsyncIter
             await browser.close()
 
 
+async def connect(page: Page, url: str) -> None:
+    """Open the page at ``url`` and press Connect."""
+    await page.goto(url)
+    await page.click("#connect")
+
+
 async def test_the_page_shows_the_conversation_and_its_latency(tmp_path):
-    engine = ScriptedEngine()
-    hub = Hub(engine)  # type: ignore[arg-type]
+    engine = scripted_engine()
     microphone = fake_microphone(tmp_path, "0880")
-    async with serve(hub, engine.settings) as url, chromium(microphone) as browser:
+    async with serving(engine) as served, chromium(microphone) as browser:
         page = await browser.new_page()
-        await page.goto(f"{url}/")
-        await page.click("#connect")
+        await connect(page, f"{served.url}/")
         await expect(page.locator("#state")).to_have_text("connected", timeout=10_000)
         await expect(page.locator(".turn.user.final .said")).to_have_text(USER_TEXT, timeout=15_000)
         reply = page.locator(".turn.assistant .said")
@@ -485,42 +369,39 @@ async def test_the_page_shows_the_conversation_and_its_latency(tmp_path):
         )
         assert await page.locator("#error").is_hidden()
 
-        (listener,) = engine.listeners
-        assert rms(np.concatenate([f.samples for f in listener.frames])) > 0.01
+        (session,) = engine.sessions
+        assert rms(np.concatenate([f.samples for f in session.asr.frames])) > 0.01
 
         await page.click("#connect")
         await expect(page.locator("#state")).to_have_text("not connected")
-        await until(lambda: hub.metrics.sessions_active == 0, 12, "session ended by the page")
+        await until(
+            lambda: served.hub.metrics.sessions_active == 0, 12, "session ended by the page"
+        )
 
 
 async def test_the_page_sends_its_token_and_says_what_went_wrong(tmp_path):
-    engine = ScriptedEngine(max_sessions=0)
+    engine = scripted_engine(max_sessions=0)
     engine.settings.server.token = "s3cret"
     microphone = fake_microphone(tmp_path, "0880")
-    hub = Hub(engine)  # type: ignore[arg-type]
-    async with serve(hub, engine.settings) as url, chromium(microphone) as browser:
+    async with serving(engine) as served, chromium(microphone) as browser:
         page = await browser.new_page()
-        await page.goto(f"{url}/")
-        await page.click("#connect")
+        await connect(page, f"{served.url}/")
         await expect(page.locator("#error")).to_contain_text("?token=", timeout=10_000)
-        await page.goto(f"{url}/?token=s3cret")  # let in, but every slot is taken
-        await page.click("#connect")
+        await connect(page, f"{served.url}/?token=s3cret")  # let in, but every slot is taken
         await expect(page.locator("#error")).to_contain_text("server is full", timeout=10_000)
         await expect(page.locator("#connect")).to_have_text("Connect")
-    assert hub.metrics.sessions_refused == 1
+    assert served.hub.metrics.sessions_refused == 1
 
 
 async def test_the_page_says_when_the_microphone_is_refused(tmp_path):
-    engine = ScriptedEngine()
-    hub = Hub(engine)  # type: ignore[arg-type]
+    engine = scripted_engine()
     microphone = fake_microphone(tmp_path, "0880")
     async with (
-        serve(hub, engine.settings) as url,
+        serving(engine) as served,
         chromium(microphone, allow_microphone=False) as browser,
     ):
         page = await browser.new_page()
-        await page.goto(f"{url}/")
-        await page.click("#connect")
+        await connect(page, f"{served.url}/")
         await expect(page.locator("#error")).to_contain_text("Microphone access was denied")
         await expect(page.locator("#connect")).to_have_text("Connect")
-    assert hub.metrics.sessions_total == 0
+    assert served.hub.metrics.sessions_total == 0

@@ -8,11 +8,11 @@ import re
 
 import pytest
 from playwright.async_api import expect
-from test_webrtc import chromium, fake_microphone, serve
+from test_webrtc import chromium, fake_microphone
+from web_fakes import serving
 
 from voice.engine import Engine
 from voice.settings import Settings
-from web.hub import Hub
 
 pytestmark = pytest.mark.integration
 
@@ -27,12 +27,11 @@ def engine() -> Engine:
 
 
 async def test_the_page_talks_with_the_real_engine(engine, tmp_path):
-    hub = Hub(engine)
     # the fake microphone starts at getUserMedia: speak once the call is surely up
     microphone = fake_microphone(tmp_path, SENTENCE, lead_s=3.0)
-    async with serve(hub, engine.settings) as url, chromium(microphone) as browser:
+    async with serving(engine) as served, chromium(microphone) as browser:
         page = await browser.new_page()
-        await page.goto(f"{url}/")
+        await page.goto(f"{served.url}/")
         await page.click("#connect")
         await expect(page.locator("#state")).to_have_text("connected", timeout=20_000)
         heard = page.locator(".turn.user.final .said")

@@ -8,7 +8,8 @@ between replies. Text messages out are JSON events, one ``type`` each: ``ready``
 ``speech_started``/``speech_stopped``, ``transcript_partial``/``transcript_final`` (per speech
 segment), ``turn_ended``, ``turn_transcript`` (the whole turn), ``reply_text``/``reply_done``
 (the reply as it is written), ``interrupted``, ``turn_record`` (a finished reply's timeline,
-in ms after the end of the user's speech) and ``error``. Text in: ``{"type": "mode", "mode":
+in ms after the end of the user's speech, and that end, ``speech_ended_at``, in seconds of the
+server's monotonic clock) and ``error``. Text in: ``{"type": "mode", "mode":
 "relay|cascaded|fast"}`` switches the mode from the next reply on.
 """
 
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, cast, get_args
+from typing import cast
 
 import numpy as np
 from aiohttp import WSMessage, WSMsgType, web
@@ -38,42 +39,30 @@ from voice.events import (
 )
 from voice.session import TurnRecord
 from voice.settings import RelayMode
+from web import messages
+from web.messages import MODES, Json, ms_after_speech
 from web.websocket import Conversation, is_reply_audio
 
 RATES = (8000, 16000, 24000, 48000)
 DEFAULT_RATE = 16000
 FRAME_S = 0.02
-MODES: tuple[str, ...] = get_args(RelayMode)
-
-Json = dict[str, Any]
 
 
 def event_message(event: Event) -> Json | None:
     """The client's view of a session event (None: not one it is told about)."""
     match event:
-        case SpeechStarted():
-            return {"type": "speech_started", "audio_time": event.audio_time}
-        case SpeechEnded():
-            return {"type": "speech_stopped", "audio_time": event.audio_time}
+        case SpeechStarted() | SpeechEnded():
+            return messages.speech(event, audio_time=event.audio_time)
         case TranscriptPartial():
-            return {
-                "type": "transcript_partial",
-                "committed": event.committed,
-                "tentative": event.tentative,
-            }
+            return messages.transcript_partial(event)
         case TranscriptFinal():
-            return {"type": "transcript_final", "text": event.text}
+            return messages.transcript_final(event.text)
         case TurnEnded():
-            return {"type": "turn_ended", "transcript": event.transcript, "reason": event.reason}
+            return messages.turn_ended(event, reason=event.reason)
         case TurnTranscript():
             return {"type": "turn_transcript", "transcript": event.transcript}
         case ResponseTextDelta():
-            return {
-                "type": "reply_text",
-                "turn_id": event.turn_id,
-                "text": event.text,
-                "source": event.source,
-            }
+            return messages.reply_text(event.turn_id, event.text, source=event.source)
         case ResponseDone():
             return {
                 "type": "reply_done",
@@ -82,29 +71,22 @@ def event_message(event: Event) -> Json | None:
                 "cancelled": event.cancelled,
             }
         case Interrupted():
-            return {
-                "type": "interrupted",
-                "turn_id": event.turn_id,
-                "reason": event.reason,
-                "heard_text": event.heard_text,
-            }
+            return messages.interrupted(event)
         case StageError():
-            return {"type": "error", "code": f"{event.stage}_error", "message": event.message}
+            return messages.error(f"{event.stage}_error", event.message)
     return None
 
 
 def record_message(record: TurnRecord) -> Json:
     """A finished reply's record, its clock times (``*_at``) turned into ``*_ms``: ms after the
     user's speech ended (None: it did not happen)."""
-    fields = dataclasses.asdict(record)
-    origin = record.speech_ended_at
     message: Json = {"type": "turn_record"}
-    for name, value in fields.items():
+    for name, value in dataclasses.asdict(record).items():
         if not name.endswith("_at"):
             message[name] = value
         elif name != "speech_ended_at":
-            since = None if value is None or origin is None else (value - origin) * 1000
-            message[name.removesuffix("_at") + "_ms"] = None if since is None else round(since, 1)
+            message[name.removesuffix("_at") + "_ms"] = ms_after_speech(record, value)
+    message["speech_ended_at"] = record.speech_ended_at  # for a client on the same machine
     return message
 
 
@@ -137,7 +119,7 @@ class Pcm(Conversation):
         self.link.send(json.dumps(message))
 
     def error(self, code: str, message: str) -> None:
-        self.send({"type": "error", "code": code, "message": message})
+        self.send(messages.error(code, message))
 
     def started(self) -> None:
         self.send({"type": "ready", "sample_rate": self.input_rate, "mode": self.session.mode})
@@ -175,7 +157,7 @@ class Pcm(Conversation):
             )
             return
         self.session.set_mode(mode)
-        self.send({"type": "mode", "mode": mode})
+        self.send(messages.mode(mode))
 
     async def _audio(self, data: bytes) -> None:
         if not data or len(data) % 2:

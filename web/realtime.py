@@ -56,6 +56,7 @@ from voice.events import (
     TurnTranscript,
 )
 from voice.playout import PlayoutTurn
+from web.messages import Json
 from web.websocket import Conversation, is_reply_audio
 
 RATE = 24000
@@ -69,8 +70,6 @@ UNSUPPORTED = (
     "conversation.item.truncate",
     "output_audio_buffer.clear",
 )
-
-Json = dict[str, Any]
 
 
 def new_id(prefix: str) -> str:

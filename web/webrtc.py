@@ -20,7 +20,8 @@ or fast (answered with ``mode``). Server to page: ``ready`` (the session's ``mod
 ``transcript_final`` (the turn's ``text``), ``reply_text`` (``turn_id``, ``text``: a chunk of
 the reply, sent when its audio starts playing), ``interrupted`` (``turn_id``, ``reason``,
 ``heard_text``), ``turn_latency`` (a finished reply: texts, verdict, ``gap_ms`` and ``ms``, its
-timeline from the end of the user's speech), ``error`` (``code``, ``message``, and ``stage``
+timeline from the end of the user's speech, and that end, ``speech_ended_at``, in seconds of the
+server's monotonic clock), ``error`` (``code``, ``message``, and ``stage``
 for a stage's error) and ``closed`` (``reason``).
 """
 
@@ -33,7 +34,6 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AsyncExitStack, suppress
 from fractions import Fraction
-from typing import Any, get_args
 
 import av
 import numpy as np
@@ -65,7 +65,9 @@ from voice.events import (
 from voice.playout import Playout, PlayoutTurn
 from voice.session import Session, TurnRecord
 from voice.settings import RelayMode, Settings
+from web import messages
 from web.hub import Hub, SessionLimitReached
+from web.messages import MODES, Json, ms_after_speech
 
 OFFER_PATH = "/v1/webrtc/offer"
 RATE = 48000  # Opus's rate, in and out of aiortc: the transport resamples nothing
@@ -73,7 +75,6 @@ FRAME_S = 0.02
 FRAME_SAMPLES = round(RATE * FRAME_S)
 PEER_TIMEOUT_S = 10.0  # no data-channel message this long (the page pings every 2 s): gone
 MAX_LAG_S = 0.1  # the reply track this far behind (a stalled loop) restarts its pacing
-MODES: tuple[str, ...] = get_args(RelayMode)
 
 log = logging.getLogger(__name__)
 
@@ -134,49 +135,26 @@ def mono_float32(frame: av.AudioFrame) -> np.ndarray:
     return data.astype(np.float32, copy=False).mean(axis=0)
 
 
-def event_message(event: Event) -> dict[str, Any] | None:
+def event_message(event: Event) -> Json | None:
     """What the page is told about a session event (None: nothing it shows)."""
     match event:
-        case SpeechStarted():
-            return {"type": "speech_started"}
-        case SpeechEnded():
-            return {"type": "speech_stopped"}
+        case SpeechStarted() | SpeechEnded():
+            return messages.speech(event)
         case TranscriptPartial():
-            return {
-                "type": "transcript_partial",
-                "text": event.text,
-                "committed": event.committed,
-                "tentative": event.tentative,
-            }
+            return messages.transcript_partial(event, text=event.text)
         case TurnEnded():
-            return {"type": "turn_ended", "transcript": event.transcript}
+            return messages.turn_ended(event)
         case TurnTranscript():
-            return {"type": "transcript_final", "text": event.transcript}
+            return messages.transcript_final(event.transcript)
         case Interrupted():
-            return {
-                "type": "interrupted",
-                "turn_id": event.turn_id,
-                "reason": event.reason,
-                "heard_text": event.heard_text,
-            }
+            return messages.interrupted(event)
         case StageError():
-            return {
-                "type": "error",
-                "code": "stage_error",
-                "stage": event.stage,
-                "message": event.message,
-            }
+            return messages.error("stage_error", event.message, stage=event.stage)
     return None
 
 
-def latency_message(record: TurnRecord) -> dict[str, Any]:
+def latency_message(record: TurnRecord) -> Json:
     """A finished reply's timeline in ms from the user's end of speech (None: did not happen)."""
-
-    def since_speech(at: float | None) -> float | None:
-        if at is None or record.speech_ended_at is None:
-            return None
-        return round((at - record.speech_ended_at) * 1000, 1)
-
     return {
         "type": "turn_latency",
         "turn_id": record.turn_id,
@@ -188,12 +166,13 @@ def latency_message(record: TurnRecord) -> dict[str, Any]:
         "heard_text": record.heard_text,
         "interruption": record.interruption,
         "gap_ms": round(record.gap_ms, 1),
+        "speech_ended_at": record.speech_ended_at,  # for a peer on the same machine
         "ms": {
-            "turn_ended": since_speech(record.turn_ended_at),
-            "first_text": since_speech(record.first_text_at),
-            "first_tts_audio": since_speech(record.first_tts_audio_at),
-            "first_audio_out": since_speech(record.first_audio_out_at),
-            "continuation_audio_out": since_speech(record.continuation_audio_out_at),
+            "turn_ended": ms_after_speech(record, record.turn_ended_at),
+            "first_text": ms_after_speech(record, record.first_text_at),
+            "first_tts_audio": ms_after_speech(record, record.first_tts_audio_at),
+            "first_audio_out": ms_after_speech(record, record.first_audio_out_at),
+            "continuation_audio_out": ms_after_speech(record, record.continuation_audio_out_at),
         },
     }
 
@@ -243,7 +222,7 @@ class Peer:
         self.session: Session | None = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         self._channel: RTCDataChannel | None = None
-        self._outbox: list[dict[str, Any]] = []  # said before the channel opened
+        self._outbox: list[Json] = []  # said before the channel opened
         self._last_seen = self._clock.now()
         self._ended = asyncio.Event()
         self._end_reason = ""
@@ -319,7 +298,7 @@ class Peer:
             self.end("the microphone track ended")
         except Exception as exc:  # unusable audio, or the pipeline failed on it: hang up
             log.exception("webrtc audio input failed")
-            self._send({"type": "error", "code": "audio_input_failed", "message": str(exc)})
+            self._send(messages.error("audio_input_failed", str(exc)))
             self.end(f"audio input failed: {exc}")
 
     # --- events to the page --------------------------------------------------------------------
@@ -354,7 +333,7 @@ class Peer:
                     break
                 self._chunks.popleft()
                 if text.strip():
-                    self._send({"type": "reply_text", "turn_id": turn_id, "text": text})
+                    self._send(messages.reply_text(turn_id, text))
         self._drop_unheard()
         self._send_records()
 
@@ -373,7 +352,7 @@ class Peer:
             self._send(latency_message(record))
         self._records_sent = len(self.session.records)
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: Json) -> None:
         if self._channel is None or self._channel.readyState != "open":
             if not self._ended.is_set():
                 self._outbox.append(message)
@@ -401,21 +380,20 @@ class Peer:
             message = json.loads(data)
             kind = message["type"]
         except (ValueError, TypeError, KeyError):
-            self._send({"type": "error", "code": "bad_message", "message": "expected JSON"})
+            self._send(messages.error("bad_message", "expected JSON"))
             return
         if kind == "ping":
             self._send({"type": "pong"})
         elif kind == "mode" and message.get("mode") in MODES:
             self.session.set_mode(message["mode"])
-            self._send({"type": "mode", "mode": self.session.mode})
+            self._send(messages.mode(self.session.mode))
         else:
             self._send(
-                {
-                    "type": "error",
-                    "code": "bad_message",
-                    "message": f"unknown message {str(data)[:200]!r}; "
+                messages.error(
+                    "bad_message",
+                    f"unknown message {str(data)[:200]!r}; "
                     f"expected ping, or mode with one of {', '.join(MODES)}",
-                }
+                )
             )
 
 

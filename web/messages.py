@@ -1,0 +1,71 @@
+"""The JSON events of ``/v1/pcm`` and of the WebRTC page's "events" channel: one vocabulary.
+
+Both transports tell their client about the session under the same ``type`` names, and build
+each message here so that a name always carries the same fields. Each transport picks the
+events it reports and adds the fields only it sends (``**extra``: ``/v1/pcm`` stream times
+and the reason a turn ended, the page the text of a partial transcript to show, a stage's
+name in its errors). Timelines are in ms after the end of the user's speech. The OpenAI
+Realtime protocol (``web.realtime``) has its own events; it shares only ``Json``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, get_args
+
+from voice.events import Interrupted, SpeechEnded, SpeechStarted, TranscriptPartial, TurnEnded
+from voice.session import TurnRecord
+from voice.settings import RelayMode
+
+Json = dict[str, Any]
+MODES: tuple[str, ...] = get_args(RelayMode)
+
+
+def speech(event: SpeechStarted | SpeechEnded, **extra: Any) -> Json:
+    kind = "speech_started" if isinstance(event, SpeechStarted) else "speech_stopped"
+    return {"type": kind, **extra}
+
+
+def transcript_partial(event: TranscriptPartial, **extra: Any) -> Json:
+    return {
+        "type": "transcript_partial",
+        **extra,
+        "committed": event.committed,
+        "tentative": event.tentative,
+    }
+
+
+def transcript_final(text: str) -> Json:
+    return {"type": "transcript_final", "text": text}
+
+
+def turn_ended(event: TurnEnded, **extra: Any) -> Json:
+    return {"type": "turn_ended", "transcript": event.transcript, **extra}
+
+
+def reply_text(turn_id: int, text: str, **extra: Any) -> Json:
+    return {"type": "reply_text", "turn_id": turn_id, "text": text, **extra}
+
+
+def interrupted(event: Interrupted) -> Json:
+    return {
+        "type": "interrupted",
+        "turn_id": event.turn_id,
+        "reason": event.reason,
+        "heard_text": event.heard_text,
+    }
+
+
+def error(code: str, message: str, **extra: Any) -> Json:
+    return {"type": "error", "code": code, **extra, "message": message}
+
+
+def mode(name: str) -> Json:
+    return {"type": "mode", "mode": name}
+
+
+def ms_after_speech(record: TurnRecord, at: float | None) -> float | None:
+    """``at`` in ms after the user's speech ended (None: it, or the end of speech, did not
+    happen)."""
+    if at is None or record.speech_ended_at is None:
+        return None
+    return round((at - record.speech_ended_at) * 1000, 1)
