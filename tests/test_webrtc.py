@@ -334,6 +334,15 @@ async def chromium(microphone: Path, allow_microphone: bool = True) -> AsyncIter
         f"--use-file-for-fake-audio-capture={microphone}%noloop",
         "--autoplay-policy=no-user-gesture-required",
         "--disable-features=WebRtcHideLocalIpsWithMdns",  # real host candidates, no multicast
+        # no traffic of its own (updates, sync, metrics, first-run and default-app fetches);
+        # Playwright passes most of these already, not --disable-sync or domain reliability
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-default-apps",
+        "--metrics-recording-only",
+        "--disable-domain-reliability",
     ]
     if os.geteuid() == 0:
         args.append("--no-sandbox")

@@ -10,6 +10,7 @@ Realtime protocol (``web.realtime``) has its own events; it shares only ``Json``
 
 from __future__ import annotations
 
+import json
 from typing import Any, get_args
 
 from voice.events import Interrupted, SpeechEnded, SpeechStarted, TranscriptPartial, TurnEnded
@@ -18,6 +19,27 @@ from voice.settings import RelayMode
 
 Json = dict[str, Any]
 MODES: tuple[str, ...] = get_args(RelayMode)
+ECHO_CHARS = 60  # how much of a client's bad value an error message repeats
+
+
+class BadJson(ValueError):
+    """A client message that is not usable JSON, whatever the parser's complaint."""
+
+
+def parse(data: str | bytes) -> object:
+    """``json.loads`` with every way it can fail as one error: bad syntax or encoding, an
+    integer past Python's digit limit, nesting deeper than the recursion limit."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise BadJson(f"the message is not usable JSON: {brief(str(exc))}") from None
+
+
+def brief(value: object) -> str:
+    """A client's value as an error message may repeat it: short, so an error about a huge
+    value is not itself huge."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= ECHO_CHARS else f"{text[:ECHO_CHARS]}… ({len(text)} characters)"
 
 
 def speech(event: SpeechStarted | SpeechEnded, **extra: Any) -> Json:

@@ -144,9 +144,9 @@ class Pcm(Conversation):
             await self._audio(message.data)
             return
         try:
-            request = json.loads(message.data)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            self.error("invalid_json", f"the message is not usable JSON: {exc}")
+            request = messages.parse(message.data)
+        except messages.BadJson as exc:
+            self.error("invalid_json", str(exc))
             return
         mode = request.get("mode") if isinstance(request, dict) else None
         if not isinstance(request, dict) or request.get("type") != "mode" or mode not in MODES:

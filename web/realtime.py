@@ -31,7 +31,6 @@ session maps onto the protocol:
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import secrets
 from collections import deque
@@ -56,7 +55,7 @@ from voice.events import (
     TurnTranscript,
 )
 from voice.playout import PlayoutTurn
-from web.messages import Json
+from web.messages import BadJson, Json, brief, parse
 from web.websocket import Conversation, is_reply_audio
 
 RATE = 24000
@@ -127,7 +126,7 @@ def _check_format(value: object, param: str) -> None:
     if audio.get("type", "audio/pcm") != "audio/pcm" or audio.get("rate", RATE) != RATE:
         raise ClientError(
             "unsupported_audio_format",
-            f"relayvoice takes and sends audio/pcm at {RATE} Hz (PCM16 mono); got {value!r}",
+            f"relayvoice takes and sends audio/pcm at {RATE} Hz (PCM16 mono); got {brief(value)}",
             param,
         )
 
@@ -201,14 +200,14 @@ class Realtime(Conversation):
             return
         event_id = None
         try:
-            event = json.loads(message.data)
+            event = parse(message.data)
             if not isinstance(event, dict):
                 raise ClientError("invalid_event", 'an event is a JSON object with a "type"')
             if isinstance(event.get("event_id"), str):
                 event_id = event["event_id"]
             await self._dispatch(event)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            self.error("invalid_json", f"the message is not usable JSON: {exc}")
+        except BadJson as exc:
+            self.error("invalid_json", str(exc))
         except ClientError as exc:
             self.error(exc.code, str(exc), exc.param, event_id)
 
@@ -232,7 +231,7 @@ class Realtime(Conversation):
                 "type",
             )
         else:
-            raise ClientError("unknown_event", f"unknown event type {kind!r}", "type")
+            raise ClientError("unknown_event", f"unknown event type {brief(kind)}", "type")
 
     def _update(self, event: Json) -> None:
         session = _table(event.get("session"), "session")
@@ -266,7 +265,7 @@ class Realtime(Conversation):
             raise ClientError("invalid_value", "audio must be base64 text", "audio")
         try:
             pcm = base64.b64decode(audio, validate=True)
-        except binascii.Error as exc:
+        except ValueError as exc:  # binascii.Error, or text that is not ASCII
             raise ClientError(
                 "invalid_base64", f"audio is not valid base64: {exc}", "audio"
             ) from None

@@ -101,9 +101,9 @@ class BadOffer(ValueError):
 def parse_offer(body: bytes) -> tuple[str, RelayMode | None]:
     """The offer's SDP and requested mode, or ``BadOffer`` saying what is wrong."""
     try:
-        request = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadOffer("invalid_json", f"the body is not JSON: {exc}") from None
+        request = messages.parse(body)
+    except messages.BadJson as exc:
+        raise BadOffer("invalid_json", str(exc)) from None
     if not isinstance(request, dict):
         raise BadOffer("invalid_request", 'expected an object {"sdp", "type", "mode"}')
     sdp, kind, mode = request.get("sdp"), request.get("type"), request.get("mode")
@@ -377,9 +377,9 @@ class Peer:
         assert self.session is not None
         self._last_seen = self._clock.now()
         try:
-            message = json.loads(data)
-            kind = message["type"]
-        except (ValueError, TypeError, KeyError):
+            message = messages.parse(data)
+            kind = message["type"]  # type: ignore[index]
+        except (messages.BadJson, TypeError, KeyError):
             self._send(messages.error("bad_message", "expected JSON"))
             return
         if kind == "ping":
