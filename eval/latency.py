@@ -13,6 +13,9 @@ Onset is measured where the audio leaves the session: from the turn's true end o
 (energy above the recording's noise floor) to the reply's first sample read by the player.
 Once a reply's audio has all been produced (no gap is possible any more) the player reads the
 rest at once instead of in real time, so the benchmark does not sit through long replies.
+
+With ``--transport ws|webrtc`` the same dialogues go through a real ``relayvoice serve`` in a
+process of its own, and onset is measured at the client (``eval/transport.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from __future__ import annotations
 import asyncio
 import csv
 import dataclasses
-from collections.abc import Callable
+import math
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +45,7 @@ from voice.settings import RelayMode, Settings
 
 RATE = 16000
 MODES: tuple[RelayMode, ...] = ("relay", "cascaded", "fast")
+IN_PROCESS = "in-process"
 SEED = 11
 TURNS_PER_DIALOGUE = 3
 QUICK_DIALOGUES = 6
@@ -67,6 +72,15 @@ class Dialogue:
 
 
 @dataclass
+class ClientTimes:
+    """A turn as a client of ``relayvoice serve`` saw it (clock seconds: the client and the
+    server share the system's monotonic clock)."""
+
+    end_sent_at: float  # the frame holding the turn's true end of speech was sent
+    heard_at: float | None = None  # the reply's first non-silent frame was received
+
+
+@dataclass
 class TurnResult:
     dialogue: str
     mode: str
@@ -75,16 +89,40 @@ class TurnResult:
     records: list[TurnRecord] = field(default_factory=list)  # replies started during the turn
     reply: TurnRecord | None = None  # the reply to the whole turn
     barge_in_at: float | None = None  # clock time the next turn's speech began over this reply
+    client: ClientTimes | None = None  # over a transport: what the client saw
 
     @property
     def true_end(self) -> float:
+        """The true end of speech: its sample's clock time, or over a transport the time the
+        frame holding it was sent."""
+        if self.client is not None:
+            return self.client.end_sent_at
         return self.started_at + self.turn.speech[1]
 
     @property
-    def onset_ms(self) -> float | None:
+    def session_onset_ms(self) -> float | None:
+        """True end to the reply's first sample read from the session's playout."""
         if self.reply is None or self.reply.first_audio_out_at is None:
             return None
         return (self.reply.first_audio_out_at - self.true_end) * 1000
+
+    @property
+    def onset_ms(self) -> float | None:
+        """True end to the reply's first sound where the listener is: read from the session
+        in process, received by the client over a transport."""
+        if self.client is None:
+            return self.session_onset_ms
+        if self.client.heard_at is None:
+            return None
+        return (self.client.heard_at - self.true_end) * 1000
+
+    @property
+    def transport_overhead_ms(self) -> float | None:
+        """What the transport adds to the onset: the client's minus the session's."""
+        onset, session = self.onset_ms, self.session_onset_ms
+        if self.client is None or onset is None or session is None:
+            return None
+        return onset - session
 
     @property
     def cut_off(self) -> bool:
@@ -111,6 +149,9 @@ class TurnResult:
             "barge_in": self.barge_in_at is not None,
             "false_cutoff": self.cut_off,
             "onset_ms": None if self.onset_ms is None else round(self.onset_ms, 1),
+            "transport_overhead_ms": None
+            if self.transport_overhead_ms is None
+            else round(self.transport_overhead_ms, 1),
             "speech_ended_ms": ms(r and r.speech_ended_at),
             "turn_ended_ms": ms(r and r.turn_ended_at),
             "transcript_ms": ms(r and r.transcript_at),
@@ -192,21 +233,31 @@ def dialogues(models: AsrModels, settings: Settings, quick: bool) -> list[Dialog
 class Microphone:
     """Pushes a frame every 20 ms: the user's speech when there is some, silence otherwise."""
 
-    def __init__(self, session: Session, clock: Clock) -> None:
-        self._session, self._clock = session, clock
+    def __init__(
+        self, push: Callable[[AudioFrame], Awaitable[None]], clock: Clock, rate: int = RATE
+    ) -> None:
+        self._push, self._clock, self._rate = push, clock, rate
         self._pending = np.zeros(0, np.float32)
         self._started: asyncio.Future[float] | None = None
-        self._step = int(FRAME_S * RATE)
+        self._sent: list[float] = []  # clock time each frame of the speech was pushed
+        self._step = int(FRAME_S * rate)
 
     def say(self, audio: np.ndarray) -> asyncio.Future[float]:
-        """Queue speech; the future gives the clock time of its first sample."""
+        """Queue speech (at the microphone's rate); the future gives the clock time of its first
+        sample."""
         self._pending = audio
         self._started = asyncio.get_running_loop().create_future()
+        self._sent = []
         return self._started
 
     @property
     def speaking(self) -> bool:
         return len(self._pending) > 0
+
+    def sent_at(self, second: float) -> float | None:
+        """Clock time the frame holding ``second`` (into the last speech) was pushed, if yet."""
+        frame = max(math.ceil(second * self._rate) - 1, 0) // self._step
+        return self._sent[frame] if frame < len(self._sent) else None
 
     async def run(self) -> None:
         deadline = self._clock.now()
@@ -216,9 +267,11 @@ class Microphone:
             frame = np.zeros(self._step, np.float32)
             speech, self._pending = self._pending[: self._step], self._pending[self._step :]
             frame[: len(speech)] = speech
-            if len(speech) and self._started is not None and not self._started.done():
-                self._started.set_result(deadline - FRAME_S)  # recorded from then on
-            await self._session.push(AudioFrame(t=deadline, samples=frame, sample_rate=RATE))
+            if len(speech):
+                self._sent.append(self._clock.now())
+                if self._started is not None and not self._started.done():
+                    self._started.set_result(deadline - FRAME_S)  # recorded from then on
+            await self._push(AudioFrame(t=deadline, samples=frame, sample_rate=self._rate))
 
 
 class Player:
@@ -249,7 +302,7 @@ class Player:
             await self._clock.sleep_until(deadline)
 
 
-async def _until(clock: Clock, done: Callable[[], bool], timeout: float) -> bool:
+async def until(clock: Clock, done: Callable[[], bool], timeout: float) -> bool:
     deadline = clock.now() + timeout
     while not done():
         if clock.now() > deadline:
@@ -263,7 +316,7 @@ async def run_dialogue(
 ) -> list[TurnResult]:
     clock = RealClock()
     session = engine.session(clock, input_rate=RATE, mode=mode)
-    mic, player = Microphone(session, clock), Player(session, clock)
+    mic, player = Microphone(session.push, clock), Player(session, clock)
     tasks = [asyncio.create_task(mic.run()), asyncio.create_task(player.run())]
     results: list[TurnResult] = []
     barged: float | None = None  # the next turn already began, over the last reply
@@ -275,23 +328,23 @@ async def run_dialogue(
             barged = None
             result = TurnResult(dialogue.id, mode, turn, started)
             results.append(result)
-            await _until(clock, lambda: not mic.speaking, 60)
-            await _until(clock, lambda r=result: _reply(session, r) is not None, settle_s + 1)
+            await until(clock, lambda: not mic.speaking, 60)
+            await until(clock, lambda r=result: _reply(session, r) is not None, settle_s + 1)
             reply = _reply(session, result)
             if turn.barge_in and reply is not None and i + 1 < len(dialogue.turns):
                 barged = await _barge_in(session, clock, mic, reply, dialogue.turns[i + 1])
                 if barged is not None:
                     result.barge_in_at = barged + dialogue.turns[i + 1].speech[0]
                     continue
-            await _until(clock, lambda: not session.busy, REPLY_CAP_S)
+            await until(clock, lambda: not session.busy, REPLY_CAP_S)
             await clock.sleep(BETWEEN_TURNS_S)
-        await _until(clock, lambda: not session.busy, settle_s + REPLY_CAP_S)
+        await until(clock, lambda: not session.busy, settle_s + REPLY_CAP_S)
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await session.close()
-    _assign(results, session.records)
+    assign(results, session.records)
     return results
 
 
@@ -317,7 +370,7 @@ async def _barge_in(
         turn = session.playout.turn
         return turn is None or turn.turn_id != reply.turn_id
 
-    await _until(clock, lambda: over() or first_audio() is not None, 30)
+    await until(clock, lambda: over() or first_audio() is not None, 30)
     if (begun := first_audio()) is None:
         return None
     await clock.sleep_until(begun + BARGE_IN_AFTER_S)
@@ -326,7 +379,7 @@ async def _barge_in(
     return await mic.say(nxt.audio)
 
 
-def _assign(results: list[TurnResult], records: list[TurnRecord]) -> None:
+def assign(results: list[TurnResult], records: list[TurnRecord]) -> None:
     """Give each user turn the replies started while it was spoken and the one that answered it."""
     for n, result in enumerate(results):
         until = results[n + 1].started_at if n + 1 < len(results) else float("inf")
@@ -359,7 +412,7 @@ def summarize(results: list[TurnResult]) -> dict[str, object]:
         return _pct(spans, 50)
 
     decision = [(r.reply.turn_ended_at - r.true_end) * 1000 for r in results if r.reply is not None]
-    return {
+    summary: dict[str, object] = {
         "n_turns": len(results),
         "onset_ms_p50": _pct(onsets, 50),
         "onset_ms_p90": _pct(onsets, 90),
@@ -381,6 +434,37 @@ def summarize(results: list[TurnResult]) -> dict[str, object]:
             "first_tts_audio_to_audio_out": stage_ms("first_tts_audio_at", "first_audio_out_at"),
         },
     }
+    if any(r.client is not None for r in results):
+        sessions = [x for r in results if (x := r.session_onset_ms) is not None]
+        overheads = [x for r in results if (x := r.transport_overhead_ms) is not None]
+        summary |= {
+            "session_onset_ms_p50": _pct(sessions, 50),
+            "transport_overhead_ms_p50": _pct(overheads, 50),
+            "transport_overhead_ms_p90": _pct(overheads, 90),
+        }
+    return summary
+
+
+def build_report(
+    results: list[TurnResult], modes: Sequence[RelayMode], transport: str
+) -> dict[str, object]:
+    """Per mode summaries, the relay's advantage and, over a transport, its overhead."""
+    summaries = {m: summarize([r for r in results if r.mode == m]) for m in modes}
+    relay = summaries.get("relay", {}).get("onset_ms_p90")
+    cascaded = summaries.get("cascaded", {}).get("onset_ms_p90")
+    report: dict[str, object] = {
+        "transport": transport,
+        "n_turns": len(results) // len(modes),
+        "modes": summaries,
+        "onset_ratio_p90_relay_vs_cascaded": round(relay / cascaded, 3)  # type: ignore[operator]
+        if relay and cascaded
+        else None,
+    }
+    if transport != IN_PROCESS:
+        overheads = [x for r in results if (x := r.transport_overhead_ms) is not None]
+        report["transport_overhead_ms_p50"] = _pct(overheads, 50)
+    report["turns"] = [r.row() for r in results]
+    return report
 
 
 def format_report(report: dict[str, object]) -> str:
@@ -395,15 +479,20 @@ def format_report(report: dict[str, object]) -> str:
         "keep_rate",
         "unanswered_turns",
     ]
+    if report["transport"] != IN_PROCESS:
+        keys += ["session_onset_ms_p50", "transport_overhead_ms_p50", "transport_overhead_ms_p90"]
     lines = ["metric | " + " | ".join(modes), "---|" + "---|" * len(modes)]
     lines += [f"{k} | " + " | ".join(str(modes[m][k]) for m in modes) for k in keys]
-    for part in modes["relay"]["breakdown_ms_p50"]:  # type: ignore[union-attr]
+    first: dict[str, object] = next(iter(modes.values()))["breakdown_ms_p50"]  # type: ignore[assignment]
+    for part in first:
         values = [str(modes[m]["breakdown_ms_p50"][part]) for m in modes]  # type: ignore[index]
         lines.append(f"{part} p50 | " + " | ".join(values))
     lines.append(
-        f"\nn_turns {report['n_turns']}; onset p90 relay / cascaded "
-        f"{report['onset_ratio_p90_relay_vs_cascaded']}"
+        f"\ntransport {report['transport']}; n_turns {report['n_turns']}; "
+        f"onset p90 relay / cascaded {report['onset_ratio_p90_relay_vs_cascaded']}"
     )
+    if "transport_overhead_ms_p50" in report:
+        lines.append(f"transport overhead p50 (ms) {report['transport_overhead_ms_p50']}")
     return "\n".join(lines)
 
 
@@ -415,7 +504,7 @@ def write_csv(results: list[TurnResult], path: Path) -> None:
         writer.writerows(rows)
 
 
-def plot(results: list[TurnResult], path: Path) -> None:
+def plot(results: list[TurnResult], path: Path, transport: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,9 +516,10 @@ def plot(results: list[TurnResult], path: Path) -> None:
         if onsets:
             ax.plot(onsets, np.arange(1, len(onsets) + 1) / len(onsets), label=mode, marker=".")
     ax.axvline(200, color="grey", linestyle=":", label="human turn gap (~200 ms)")
-    ax.set_xlabel("onset: true end of speech → first reply sample (ms)")
+    where = "first reply sample" if transport == IN_PROCESS else "first reply audio at the client"
+    ax.set_xlabel(f"onset: true end of speech → {where} (ms)")
     ax.set_ylabel("share of turns")
-    ax.set_title("relayvoice eval latency: onset distribution per mode")
+    ax.set_title(f"relayvoice eval latency ({transport}): onset distribution per mode")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -437,39 +527,50 @@ def plot(results: list[TurnResult], path: Path) -> None:
     plt.close(fig)
 
 
-async def evaluate(settings: Settings, quick: bool) -> tuple[dict[str, object], list[TurnResult]]:
+async def evaluate(settings: Settings, quick: bool, modes: Sequence[RelayMode]) -> list[TurnResult]:
+    """Every dialogue in every mode through in-process sessions, modes interleaved."""
     engine = Engine(settings)
     try:
         cases = dialogues(engine.asr_models, settings, quick)
-        settle_s = settings.turn.max_silence_ms / 1000 + 0.5
+        settle_s = settle_seconds(settings)
         await engine.warm()
-        await run_dialogue(engine, Dialogue("warm-up", cases[0].turns[:1]), "relay", settle_s)
+        await run_dialogue(engine, Dialogue("warm-up", cases[0].turns[:1]), modes[0], settle_s)
         results: list[TurnResult] = []
-        total, n = len(cases) * len(MODES), 0
+        total, n = len(cases) * len(modes), 0
         for dialogue in cases:
-            for mode in MODES:
+            for mode in modes:
                 results += await run_dialogue(engine, dialogue, mode, settle_s)
                 n += 1
                 progress(n, total, f"{dialogue.id} {mode}")
     finally:
         engine.close()
-    modes = {m: summarize([r for r in results if r.mode == m]) for m in MODES}
-    relay, cascaded = modes["relay"]["onset_ms_p90"], modes["cascaded"]["onset_ms_p90"]
-    report: dict[str, object] = {
-        "n_turns": len(results) // len(MODES),
-        "modes": modes,
-        "onset_ratio_p90_relay_vs_cascaded": round(relay / cascaded, 3)  # type: ignore[operator]
-        if relay and cascaded
-        else None,
-        "turns": [r.row() for r in results],
-    }
-    return report, results
+    return results
+
+
+def settle_seconds(settings: Settings) -> float:
+    """How long a reply may take to begin after the user has stopped speaking."""
+    return settings.turn.max_silence_ms / 1000 + 0.5
 
 
 def main(
-    settings: Settings, quick: bool, json_path: Path | None, csv_path: Path, plot_path: Path
+    settings: Settings,
+    quick: bool,
+    json_path: Path | None,
+    csv_path: Path,
+    plot_path: Path,
+    transport: str = IN_PROCESS,
+    modes: Sequence[RelayMode] = MODES,
+    server_args: Sequence[str] = (),
 ) -> int:
-    report, results = asyncio.run(evaluate(settings, quick))
+    """``server_args``: the command line's global options (``--config``, ``--set``), given to
+    the server a transport run starts so that it runs on the same settings."""
+    if transport == IN_PROCESS:
+        results = asyncio.run(evaluate(settings, quick, modes))
+    else:
+        from eval.transport import evaluate as evaluate_transport
+
+        results = asyncio.run(evaluate_transport(settings, quick, modes, transport, server_args))
+    report = build_report(results, modes, transport)
     write_csv(results, csv_path)
-    plot(results, plot_path)
+    plot(results, plot_path, transport)
     return publish(report, format_report(report), json_path)

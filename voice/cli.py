@@ -82,6 +82,19 @@ def _parser() -> argparse.ArgumentParser:
     latency.add_argument(
         "--quick", action="store_true", help="6 dialogues, 18 turns per mode (~10 min)"
     )
+    latency.add_argument(
+        "--transport",
+        choices=["in-process", "ws", "webrtc"],
+        default="in-process",
+        help="in-process (default): sessions in this process; ws (/v1/pcm) or webrtc: through "
+        "`relayvoice serve` in a process of its own, onset measured at the client",
+    )
+    latency.add_argument(
+        "--modes",
+        nargs="+",
+        choices=["relay", "cascaded", "fast"],
+        help="default: all three in process, relay over a transport",
+    )
     latency.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
     latency.add_argument(
         "--csv", type=Path, default=Path("latency_turns.csv"), help="per-turn rows (CSV)"
@@ -101,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
         help='lines of text on stdin -> {"text", "p_complete", "intent"} JSON per line',
     )
     return parser
+
+
+def _global_args(args: argparse.Namespace) -> list[str]:
+    """The options that chose the settings, for a child ``relayvoice`` to run on the same."""
+    config = ["--config", str(args.config)] if args.config else []
+    return config + [part for item in args.overrides for part in ("--set", item)]
 
 
 def _turn_text() -> int:
@@ -191,7 +210,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval" and args.suite == "latency":
             from eval.latency import main as eval_latency
 
-            return eval_latency(settings, args.quick, args.json, args.csv, args.plot)
+            modes = args.modes or (
+                ["relay", "cascaded", "fast"] if args.transport == "in-process" else ["relay"]
+            )
+            return eval_latency(
+                settings,
+                args.quick,
+                args.json,
+                args.csv,
+                args.plot,
+                args.transport,
+                modes,
+                _global_args(args),
+            )
         if args.command == "eval" and args.suite == "turn":
             from eval.turn import main as eval_turn
 
