@@ -77,7 +77,7 @@ from voice.clock import Clock, RealClock
 from voice.events import AudioFrame
 from voice.session import TurnRecord
 from voice.settings import RelayMode, Settings
-from web.webrtc import OFFER_PATH
+from web.webrtc import OFFER_PATH, buffer_audio_packets
 from web.webrtc import RATE as WEBRTC_RATE
 
 HOST = "127.0.0.1"
@@ -323,7 +323,13 @@ async def webrtc_client(
     pc.addTrack(client.microphone)
     channel = pc.createDataChannel("events")
     channel.on("message", lambda data: client.on_message(json.loads(data)))
-    pc.on("track", lambda track: tasks.append(asyncio.ensure_future(client.listen(track))))
+
+    def on_track(track: MediaStreamTrack) -> None:
+        # like a browser's adaptive buffer on loopback, not aiortc's fixed 80 ms
+        buffer_audio_packets(pc, track, packets=1)
+        tasks.append(asyncio.ensure_future(client.listen(track)))
+
+    pc.on("track", on_track)
 
     async def ping() -> None:
         while True:

@@ -414,3 +414,13 @@ async def test_the_page_says_when_the_microphone_is_refused(tmp_path):
         await expect(page.locator("#error")).to_contain_text("Microphone access was denied")
         await expect(page.locator("#connect")).to_have_text("Connect")
     assert served.hub.metrics.sessions_total == 0
+
+
+async def test_incoming_audio_is_decoded_after_one_packet_not_four():
+    pc = RTCPeerConnection()
+    transceiver = pc.addTransceiver("audio", direction="recvonly")
+    receiver = transceiver.receiver
+    assert receiver._RTCRtpReceiver__jitter_buffer._prefetch == 4  # aiortc's own: 80 ms
+    webrtc.buffer_audio_packets(pc, receiver.track, packets=1)
+    assert receiver._RTCRtpReceiver__jitter_buffer._prefetch == 1
+    await pc.close()

@@ -170,6 +170,8 @@ class ServerSettings:
     max_sessions: int = 4  # concurrent conversations; beyond: session_limit_reached
     max_message_bytes: int = 1 << 20  # one websocket message (1 MiB: ~20 s of 24 kHz base64)
     idle_timeout_s: float = 300.0  # a connection with no input this long is closed
+    # WebRTC audio packets held before decoding (20 ms each); aiortc's own choice is 4.
+    webrtc_audio_packets: int = 1
 
 
 @dataclass

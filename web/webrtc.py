@@ -45,6 +45,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.exceptions import InvalidAccessError, InvalidStateError
+from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
@@ -213,11 +214,23 @@ class PlayoutTrack(MediaStreamTrack):
         return frame
 
 
+def buffer_audio_packets(pc: RTCPeerConnection, track: MediaStreamTrack, packets: int) -> None:
+    """aiortc decodes incoming audio only once four later packets have arrived (80 ms kept
+    for reordering on lossy networks), so the end of the user's speech reaches the VAD that
+    much later. Keep ``packets`` instead. aiortc has no setting for it: this replaces its
+    receiver's (private) jitter buffer, before any packet has arrived."""
+    for transceiver in pc.getTransceivers():
+        if transceiver.receiver.track is track:
+            buffer = JitterBuffer(capacity=16, prefetch=packets)
+            transceiver.receiver._RTCRtpReceiver__jitter_buffer = buffer  # type: ignore[attr-defined]
+
+
 class Peer:
     """One browser: its peer connection, its session and the events channel between them."""
 
     def __init__(self, hub: Hub, stack: AsyncExitStack) -> None:
         self._clock = hub.clock
+        self._audio_packets = hub.engine.settings.server.webrtc_audio_packets
         self._stack = stack  # holds the hub's session open until the peer ends
         self.session: Session | None = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -278,6 +291,7 @@ class Peer:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
+            buffer_audio_packets(self.pc, track, self._audio_packets)
             self._listeners.append(asyncio.ensure_future(self._listen(track)))
 
     async def _listen(self, track: MediaStreamTrack) -> None:
