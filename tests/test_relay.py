@@ -161,10 +161,10 @@ async def test_slow_backend_failing_mid_stream_ends_the_reply_with_a_reason():
 
 
 async def test_a_stalled_backend_times_out():
-    h = Harness(mode="cascaded", step=10.0)
+    h = Harness(mode="cascaded", step=15.0)  # longer than the first-token timeout
     await h.send(TurnEnded(t=0, transcript="hi", reason="test"))
     await h.send(TurnTranscript(t=0, transcript="hi"))
-    await h.run(20.0)
+    await h.run(30.0)
     (error,) = [e for _, e in h.events if isinstance(e, StageError)]
     assert "ended early" in error.message and h.done().text == ""
 

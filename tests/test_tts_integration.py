@@ -106,19 +106,23 @@ def test_audio_comes_at_the_output_rate(loaded, voice, rate):
 
 
 def test_piper_speech_is_recognised_back_with_matching_word_times(loaded):
-    events = speak(loaded["tts-voice"], "Hello, how are you today?", rate=16000)
+    events = speak(loaded["tts-voice"], "Good morning, it is nice to meet you.", rate=16000)
     chunks = audio_of(events)
     audio = np.concatenate([c.samples for c in chunks])
     offsets = np.cumsum([0.0] + [c.duration for c in chunks])
-    starts = [offset + w.start for c, offset in zip(chunks, offsets, strict=False) for w in c.words]
+    said = {
+        re.sub(r"\W", "", w.text.lower()): offset + w.start
+        for c, offset in zip(chunks[1:], offsets[1:], strict=False)
+        for w in c.words
+    }
 
     decoder = AsrModels(Settings.load(env={})).decoder
     heard = decoder.decode(DecodeRequest(audio=audio, offset=0.0)).words
     words = [re.sub(r"\W", "", w.text.lower()) for w in heard]
-    assert "how are you" in " ".join(words), words
+    assert "nice to meet you" in " ".join(words), words
 
-    # Whisper's own word times are good to about 0.1 s. The isolated first chunk "Hello," is
-    # sometimes heard as "Aloha", so the times are compared on the words after it.
-    assert words[-4:] == ["how", "are", "you", "today"]
-    errors = [abs(w.start - start) for w, start in zip(heard[-4:], starts[-4:], strict=True)]
+    # Whisper's own word times are good to about 0.1 s; Piper samples its prosody (each run
+    # differs), so times are compared on the words of the second chunk that were heard.
+    errors = [abs(w.start - said[t]) for w, t in zip(heard, words, strict=True) if t in said]
+    assert len(errors) >= 4, words
     assert np.mean(errors) < 0.2, errors
