@@ -43,6 +43,8 @@ CONTEXT_WORDS = 200
 SEED = 5
 QUICK_TURNS = 30
 _CLAUSE = re.compile(r"[,.!?;:]")
+RUBRIC = ("relevant", "helpful", "accurate", "clear")
+_VERDICT = re.compile(r"(relevant|helpful|accurate|clear)\s*:\s*(yes|no)")
 
 
 @dataclass
@@ -113,10 +115,19 @@ async def judge(models: LlmModels, history: list[Message], user: str, reply: str
     context = " ".join("\n".join(lines).split(" ")[-CONTEXT_WORDS:])
     prompt = JUDGE_PROMPT.read_text().format(context=context, reply=reply)
     answer = "".join(
-        [t.text async for t in models.slow.stream([Message(role="user", content=prompt)], "", 4)]
+        [t.text async for t in models.slow.stream([Message(role="user", content=prompt)], "", 32)]
     )
-    digits = [c for c in answer if c in "12345"]
-    return int(digits[0]) if digits else 1
+    return rubric_score(answer)
+
+
+def rubric_score(answer: str) -> int:
+    """The RelayS2S 1-5 scale from the judge's four yes/no points: 1 + the points met, at
+    most 3 when the reply is not accurate (made up or harmful). A point it did not answer
+    counts as no. Four explicit points keep a small judge from rating everything 5."""
+    verdicts = dict(_VERDICT.findall(answer.lower()))
+    met = sum(verdicts.get(point) == "yes" for point in RUBRIC)
+    score = 1 + met
+    return min(score, 3) if verdicts.get("accurate") != "yes" else score
 
 
 def _p(values: list[float], q: float) -> float:
