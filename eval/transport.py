@@ -136,7 +136,7 @@ def record_from_message(message: Json) -> TurnRecord | None:
 # --- the server --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return int(s.getsockname()[1])
@@ -148,11 +148,17 @@ def _tail(log_file: IO[bytes]) -> str:
     return log_file.read().decode(errors="replace")
 
 
+@dataclasses.dataclass(frozen=True)
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    process: asyncio.subprocess.Process
+
+
 @asynccontextmanager
-async def serve(server_args: Sequence[str]) -> AsyncIterator[str]:
-    """``relayvoice serve`` on a free loopback port, until the block exits (SIGTERM); yields its
-    base URL once ``/healthz`` answers. Its log goes to a temporary file, shown if it fails."""
-    port = _free_port()
+async def serve(server_args: Sequence[str]) -> AsyncIterator[Server]:
+    """``relayvoice serve`` on a free loopback port, until the block exits (SIGTERM); yields it
+    once ``/healthz`` answers. Its log goes to a temporary file, shown if it fails."""
+    port = free_port()
     command = [sys.executable, "-m", "voice.cli", *server_args]
     command += ["serve", "--host", HOST, "--port", str(port)]
     url = f"http://{HOST}:{port}"
@@ -162,7 +168,7 @@ async def serve(server_args: Sequence[str]) -> AsyncIterator[str]:
         )
         try:
             await _healthy(url, process)
-            yield url
+            yield Server(url, process)
         except ServerFailed as exc:
             raise ServerFailed(f"{exc}\n--- the server's log ---\n{_tail(log_file)}") from None
         finally:
@@ -204,6 +210,9 @@ class Client(ABC):
         self.heard: list[Heard] = []
         self.records: list[TurnRecord] = []
         self.turns_ended: list[float] = []  # clock time each ``turn_ended`` event arrived
+        self.errors: list[Json] = []  # the server's error events
+        self.session_id: str | None = None
+        self.closed: int | None = None  # the server's close code, once it closed
         self.ready = False
 
     @abstractmethod
@@ -213,13 +222,14 @@ class Client(ABC):
     def on_message(self, message: Json) -> None:
         match message.get("type"):
             case "ready":
-                self.ready = True
+                self.ready, self.session_id = True, message.get("session_id")
             case "turn_ended":
                 self.turns_ended.append(self.clock.now())
             case "turn_record" | "turn_latency":
                 if (record := record_from_message(message)) is not None:
                     self.records.append(record)
             case "error":
+                self.errors.append(message)
                 log.warning("the server says: %s", message)
 
     def turn_ended_since(self, t: float) -> bool:
@@ -242,6 +252,10 @@ class PcmClient(Client):
     async def push(self, frame: AudioFrame) -> None:
         await self._ws.send_bytes(float32_to_pcm16(frame.samples))
 
+    def abort(self) -> None:
+        """Vanish as a crashed client does: the connection reset, no close frame."""
+        self._ws._writer.transport.abort()  # aiohttp has no public way to do this
+
     async def read(self) -> None:
         async for message in self._ws:
             if message.type is aiohttp.WSMsgType.BINARY:
@@ -249,6 +263,7 @@ class PcmClient(Client):
                 self.heard.append((self.clock.now(), peak(pcm)))
             elif message.type is aiohttp.WSMsgType.TEXT:
                 self.on_message(json.loads(message.data))
+        self.closed = self._ws.close_code
 
 
 @asynccontextmanager
@@ -416,7 +431,8 @@ async def evaluate(
     token = settings.server.token
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     results: list[TurnResult] = []
-    async with serve(server_args) as url:
+    async with serve(server_args) as server:
+        url = server.url
         async with connect(url, modes[0], headers) as client:
             await run_dialogue(client, Dialogue("warm-up", cases[0].turns[:1]), modes[0], settle_s)
         total, n = len(cases) * len(modes), 0

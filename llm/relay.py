@@ -9,8 +9,9 @@ continues the reply from it (assistant pre-fill) once the final transcript is kn
 the slow model answers alone (``full``). Mode ``cascaded`` is the slow model alone and mode
 ``fast`` the drafter alone, for comparison.
 
-Every reply ends with exactly one ``ResponseDone``; a backend that fails or stalls ends the
-reply early with a ``StageError`` saying why, and the conversation goes on.
+Every reply ends with exactly one ``ResponseDone``; a backend that fails, stalls or raises
+ends the reply early with a ``StageError`` saying why (``reply_failed``), and the conversation
+goes on. A reply that failed before it said anything says ``llm.apology`` instead.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class Relay:
         self._final: asyncio.Future[str] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._heard: str | None = None  # what the user heard of a reply they cut off
+        self._reply_failed = False  # the reply in progress lost words to a failing model
         self.turn_id = 0
 
     def on_event(self, event: Event) -> None:
@@ -255,6 +257,7 @@ class Relay:
 
     async def _respond(self, turn: int, event: TurnEnded) -> None:
         started, said = self._clock.now(), ""
+        self._reply_failed = False
         try:
             if self._settings.mode == "fast":
                 messages = [
@@ -277,6 +280,10 @@ class Relay:
         except asyncio.CancelledError:
             self._finish(turn, event, said, cancelled=True)
             raise
+        except Exception as exc:  # a model that throws loses this reply, not the conversation
+            self._error(f"reply {turn} failed: {type(exc).__name__}: {exc}", reply_failed=True)
+        if self._reply_failed and not said.strip():
+            said = self._send(turn, "full", self._settings.apology, first=True)
         self._finish(turn, event, said, cancelled=False)
 
     async def _draft(self, transcript: str) -> Draft | None:
@@ -313,7 +320,7 @@ class Relay:
                 sent += self._send(turn, source, pending, first=not sent and not after)
                 pending = ""
         except (BackendError, TimeoutError) as exc:
-            self._error(f"reply {turn} ended early: {exc}")
+            self._error(f"reply {turn} ended early: {exc or type(exc).__name__}", reply_failed=True)
             return sent
         finally:
             await tokens.aclose()  # type: ignore[attr-defined]
@@ -361,5 +368,8 @@ class Relay:
             )
         )
 
-    def _error(self, message: str) -> None:
-        self._emit(StageError(t=self._clock.now(), stage="llm", message=message))
+    def _error(self, message: str, reply_failed: bool = False) -> None:
+        self._reply_failed |= reply_failed
+        self._emit(
+            StageError(t=self._clock.now(), stage="llm", message=message, reply_failed=reply_failed)
+        )

@@ -12,6 +12,12 @@ import os
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def _transcripts_in_tmp(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """server.transcripts defaults under XDG_DATA_HOME: never the developer's own."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data")))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("RELAYVOICE_SLOW") == "1":
         return

@@ -156,7 +156,7 @@ async def test_slow_backend_failing_mid_stream_ends_the_reply_with_a_reason():
     await h.send(TurnTranscript(t=0, transcript="Do you like football"))
     await h.run()
     (error,) = [e for _, e in h.events if isinstance(e, StageError)]
-    assert "server went away" in error.message
+    assert "server went away" in error.message and error.reply_failed
     assert h.done().text == "Yes, I love football because it is" and not h.done().cancelled
 
 
@@ -166,7 +166,34 @@ async def test_a_stalled_backend_times_out():
     await h.send(TurnTranscript(t=0, transcript="hi"))
     await h.run(30.0)
     (error,) = [e for _, e in h.events if isinstance(e, StageError)]
-    assert "ended early" in error.message and h.done().text == ""
+    assert "ended early" in error.message and error.reply_failed
+    apology = LlmSettings().apology
+    assert h.deltas() == [(10.0, apology, "full")] and h.done().text == apology
+
+
+class Exploding(Verdict):
+    def accept(self, history, draft):
+        raise RuntimeError("verifier weights corrupt")
+
+
+async def test_a_model_that_throws_gets_an_apology_and_the_next_turn_is_answered():
+    h = Harness()
+    h.relay._verifier = Exploding(True)
+    await h.send(TurnEnded(t=0, transcript="Do you like football", reason="test"))
+    await h.send(TurnTranscript(t=0, transcript="Do you like football"))
+    await h.run()
+    (error,) = [e for _, e in h.events if isinstance(e, StageError)]
+    assert "RuntimeError: verifier weights corrupt" in error.message and error.reply_failed
+    assert h.done().text == LlmSettings().apology
+    assert h.relay.history[-1] == Message(role="assistant", content=LlmSettings().apology)
+    h.relay._verifier = Verdict(True)
+    h.events.clear()
+    await h.send(TurnEnded(t=5, transcript="And tennis", reason="test"))
+    await h.send(TurnTranscript(t=5, transcript="And tennis"))
+    await h.run()
+    assert h.done().text.startswith("Yes, I love") and not any(
+        isinstance(e, StageError) for _, e in h.events
+    )
 
 
 async def test_interruption_cancels_and_history_keeps_what_was_heard():

@@ -45,6 +45,7 @@ async def conversation(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[dict],
 async def test_a_turn_in_raw_pcm(rate):
     async with pcm_socket(f"rate={rate}") as ws:
         ready = json.loads((await ws.receive()).data)
+        assert len(ready.pop("session_id")) == 16
         assert ready == {"type": "ready", "sample_rate": rate, "mode": "relay"}
         await ws.send_bytes(pcm(speech(rate)))
         events, audio = await conversation(ws)

@@ -57,7 +57,14 @@ async def test_health_and_metrics():
     async with serving() as served, aiohttp.ClientSession() as http:
         async with http.get(f"{served.url}/healthz") as r:
             assert r.status == 200
-            assert await r.json() == {"ok": True, "sessions": {"active": 0, "max": 4}}
+            health = await r.json()
+            assert health["ok"] and health["sessions"] == {"active": 0, "max": 4}
+            assert health["loop_lag_ms"] >= 0 and health["transcript_delay_ms"] == 0
+        served.hub.draining = True  # what SIGTERM does first: a load balancer looks elsewhere
+        async with http.get(f"{served.url}/healthz") as r:
+            assert r.status == 503
+            assert (await r.json())["refused"]["code"] == "server_shutting_down"
+        served.hub.draining = False
         async with http.get(f"{served.url}/metrics") as r:
             assert r.status == 200
             assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"

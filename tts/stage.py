@@ -267,7 +267,7 @@ class TtsStage:
         if error is not None:
             opening = " ".join(chunk.text.split()[:6])
             message = f"could not synthesise {opening!r}: {type(error).__name__}: {error}"
-            self._emit(StageError(t=now, stage="tts", message=message))
+            self._emit(StageError(t=now, stage="tts", message=message, reply_failed=True))
             return
         speech = chunk.synthesis.speech.result()
         if speech.samples.size == 0:

@@ -13,6 +13,7 @@ from voice.audio import AudioFormatError
 from voice.corpora import CorpusMissing
 from voice.models import REGISTRY, ModelError, prepare_all
 from voice.settings import Settings, SettingsError
+from voice.transcripts import TranscriptStoreError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,6 +70,18 @@ def _parser() -> argparse.ArgumentParser:
     relay.add_argument("--quick", action="store_true", help="30 turns")
     relay.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
 
+    load = suites.add_parser(
+        "load",
+        help="N concurrent conversations through `relayvoice serve`: capacity, soak, faults",
+    )
+    load.add_argument(
+        "--quick", action="store_true", help="1-minute levels and a 2-minute soak (~15 min)"
+    )
+    load.add_argument(
+        "--soak-minutes", type=float, help="soak length (default: 30, or 2 with --quick)"
+    )
+    load.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON")
+
     talk = commands.add_parser(
         "talk", help="a recorded user through the live session in real time; print the timings"
     )
@@ -102,6 +115,15 @@ def _parser() -> argparse.ArgumentParser:
     latency.add_argument(
         "--plot", type=Path, default=Path("latency_onsets.png"), help="onset distributions (PNG)"
     )
+
+    sessions = commands.add_parser("sessions", help="past conversations (server.transcripts)")
+    sessions_commands = sessions.add_subparsers(dest="sessions_command", required=True)
+    listing = sessions_commands.add_parser("list", help="the latest conversations, newest first")
+    listing.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    export = sessions_commands.add_parser("export", help="one conversation's turns")
+    export.add_argument("id", help="session id, or a unique prefix of 4 characters or more")
+    export.add_argument("--format", choices=["json", "text"], default="json")
 
     serve = commands.add_parser(
         "serve", help="serve the browser demo, /v1/realtime (OpenAI Realtime API) and /v1/pcm"
@@ -167,6 +189,51 @@ def _talk(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _sessions(args: argparse.Namespace, settings: Settings) -> int:
+    import dataclasses
+    from datetime import datetime
+
+    from voice.transcripts import TranscriptStore
+
+    path = settings.server.transcripts
+    if not path.exists():
+        print(f"no transcripts yet at {path} (server.transcripts)", file=sys.stderr)
+        if args.sessions_command == "list" and args.json:
+            print("[]")
+        return 0 if args.sessions_command == "list" else 2
+    store = TranscriptStore(path)
+    try:
+        if args.sessions_command == "export":
+            data = store.export(args.id)
+            if args.format == "json":
+                print(json.dumps(data, indent=2, ensure_ascii=False))
+                return 0
+            for turn in data["turns"]:
+                mark = f" [interrupted: {turn['interruption']}]" if turn["interruption"] else ""
+                print(f"user: {turn['user_text']}\nassistant: {turn['heard_text']}{mark}")
+                for error in turn["errors"]:
+                    print(f"[error: {error}]")
+            print(f"[ended: {data['session']['end_reason'] or 'still open'}]")
+            return 0
+        summaries = store.sessions(args.limit)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps([dataclasses.asdict(s) for s in summaries], indent=2))
+        return 0
+    rows = [("id", "started", "duration", "turns", "transport", "mode", "end reason")]
+    for s in summaries:
+        started = datetime.fromtimestamp(s.started_at).isoformat(timespec="seconds")
+        seconds = round(s.ended_at - s.started_at) if s.ended_at is not None else None
+        duration = "-" if seconds is None else f"{seconds // 60}m{seconds % 60:02d}s"
+        row = (s.id, started, duration, str(s.turns), s.transport, s.mode, s.end_reason or "")
+        rows.append(row)
+    widths = [max(len(cell) for cell in column) for column in zip(*rows, strict=True)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
 def _doctor(args: argparse.Namespace, settings: Settings) -> int:
     from voice.doctor import as_json, format_table, run_doctor
 
@@ -203,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _talk(args, settings)
         if args.command == "serve":
             return _serve(args, settings)
+        if args.command == "sessions":
+            return _sessions(args, settings)
         if args.command == "eval" and args.suite == "relay":
             from eval.relay import main as eval_relay
 
@@ -223,6 +292,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 modes,
                 _global_args(args),
             )
+        if args.command == "eval" and args.suite == "load":
+            from eval.load import main as eval_load
+
+            return eval_load(
+                settings, args.quick, args.json, _global_args(args), args.soak_minutes
+            )
         if args.command == "eval" and args.suite == "turn":
             from eval.turn import main as eval_turn
 
@@ -233,7 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return eval_asr(settings, args.quick, args.fast, args.json)
         print(json.dumps(settings.as_dict(), indent=2))
         return 0
-    except (ModelError, SettingsError, AudioFormatError, DatasetMissing, CorpusMissing) as exc:
+    except (
+        ModelError,
+        SettingsError,
+        AudioFormatError,
+        DatasetMissing,
+        CorpusMissing,
+        TranscriptStoreError,
+    ) as exc:
         print(f"relayvoice: error: {exc}", file=sys.stderr)
         return 2
 

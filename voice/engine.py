@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import numpy as np
 
 from asr.stage import AsrModels, AsrStage
-from llm.backend import Message
+from llm.backend import BackendError, Message
 from llm.models import LlmModels
 from llm.relay import Relay
 from tts.stage import TtsModels, TtsStage
@@ -17,6 +18,8 @@ from voice.clock import Clock
 from voice.cpu import CpuGate
 from voice.session import Observer, Session, TurnRecord
 from voice.settings import RelayMode, Settings
+
+log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -54,7 +57,10 @@ class Engine:
         so that the first reply of the first conversation is not the slow one."""
         system = [Message(role="system", content=self.settings.llm.system_prompt)]
         await self.llm_models.drafter.prefill(system)
-        await self.llm_models.slow.prefill(system)
+        try:
+            await self.llm_models.slow.prefill(system)
+        except BackendError as exc:  # a remote model that is down: its replies will apologise
+            log.warning("the slow model is not answering: %s", exc)
         silence = np.zeros(16000, np.float32)
         await asyncio.to_thread(self.turn_models.audio.p_complete, silence)
         await asyncio.to_thread(self.tts_models.voice.synthesize, "Hello.")

@@ -189,11 +189,21 @@ class Metric:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StageError:
-    """A stage failed on some input; the session decides whether to go on."""
+    """A stage failed on some input; the session decides whether to go on. ``reply_failed``:
+    the user lost (part of) a reply to it; other errors only cost speed or accuracy."""
 
     t: float
     stage: str
     message: str
+    reply_failed: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SessionFailed:
+    """Too many replies failed: the conversation is over, and the transport hangs up."""
+
+    t: float
+    reason: str
 
 
 Event = (
@@ -215,4 +225,5 @@ Event = (
     | Interrupted
     | Metric
     | StageError
+    | SessionFailed
 )

@@ -10,12 +10,18 @@ resumes it.
 
 Each reply leaves one ``TurnRecord``: the timeline from the user's end of speech to the
 reply's last sample, as measured where the audio leaves the session.
+
+A model that fails costs one reply (the relay apologises); ``session.max_errors`` failed
+replies end the conversation: ``SessionFailed`` tells the transport to hang up, with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
+import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -33,6 +39,7 @@ from voice.events import (
     Interrupted,
     ResponseDone,
     ResponseTextDelta,
+    SessionFailed,
     SpeechEnded,
     SpeechStarted,
     StageError,
@@ -50,6 +57,7 @@ from voice.settings import RelayMode, SessionSettings
 Observer = Callable[[Event], None]
 Verdict = Literal["accepted", "rejected", "none"]
 _WORD = re.compile(r"[a-z0-9']+(?:-[a-z0-9']+)*")
+RECENT_TRANSCRIPTS = 8  # final-transcript delays kept, to tell whether recognition keeps up
 
 
 def words_of(text: str) -> list[str]:
@@ -126,6 +134,21 @@ class TurnRecord:
     false_interruptions: int = 0  # pauses that resumed: no words came
     errors: list[str] = field(default_factory=list)
 
+    def ms_after_speech(self, at: float | None) -> float | None:
+        """``at`` in ms after the user's speech ended (None: it, or the end of speech, did not
+        happen); clock values mean nothing outside the process, these do."""
+        if at is None or self.speech_ended_at is None:
+            return None
+        return round((at - self.speech_ended_at) * 1000, 1)
+
+    def timeline_ms(self) -> dict[str, float | None]:
+        """Every instant but the origin, as ``<name>_ms`` after the user's speech ended."""
+        return {
+            f.name.removesuffix("_at") + "_ms": self.ms_after_speech(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name.endswith("_at") and f.name != "speech_ended_at"
+        }
+
 
 class Session:
     def __init__(
@@ -139,6 +162,7 @@ class Session:
         observer: Observer | None = None,
         on_record: Callable[[TurnRecord], None] | None = None,
     ) -> None:
+        self.id = uuid.uuid4().hex[:16]
         self._settings = settings
         self._clock = clock
         self.mode = mode
@@ -158,6 +182,10 @@ class Session:
         self._maybe_ended_at: float | None = None
         self._speech_over: asyncio.Task[None] | None = None  # speech over a reply, undecided
         self._ignore_turn = False  # the user asked the assistant to stop: no answer
+        self.failed_replies: set[int] = set()  # turn ids
+        self.failure: str | None = None  # why the conversation was ended, once it was
+        # seconds from the VAD's end of a segment to its final transcript, latest last
+        self.transcript_delays: deque[float] = deque(maxlen=RECENT_TRANSCRIPTS)
 
     def set_mode(self, mode: RelayMode) -> None:
         """relay, cascaded or fast from the next reply on (the page's mode switch)."""
@@ -197,6 +225,8 @@ class Session:
             case TranscriptPartial() | TranscriptFinal():
                 self.turn.on_event(event)
                 self._on_words(event.text, final=isinstance(event, TranscriptFinal))
+                if isinstance(event, TranscriptFinal) and self._speech_ended_at is not None:
+                    self.transcript_delays.append(event.t - self._speech_ended_at)
             case TurnMaybeEnded():
                 self._maybe_ended_at = event.t
                 if self._listening:
@@ -230,8 +260,19 @@ class Session:
             case StageError():
                 if (record := self._open.get(self.relay.turn_id)) is not None:
                     record.errors.append(f"{event.stage}: {event.message}")
+                if event.reply_failed:
+                    self._on_failed_reply(event)
         if self._observer is not None:
             self._observer(event)
+
+    def _on_failed_reply(self, error: StageError) -> None:
+        self.failed_replies.add(self.relay.turn_id)
+        if len(self.failed_replies) >= self._settings.max_errors and self.failure is None:
+            self.failure = (
+                f"{len(self.failed_replies)} replies failed; the last: "
+                f"{error.stage}: {error.message}"
+            )
+            self.route(SessionFailed(t=self._clock.now(), reason=self.failure))
 
     @property
     def open_records(self) -> list[TurnRecord]:

@@ -35,6 +35,11 @@ def _default_cache_dir() -> Path:
     return Path(base) / "relayvoice"
 
 
+def _default_transcripts() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "relayvoice" / "transcripts.sqlite3"
+
+
 @dataclass
 class ModelSettings:
     """Where model files live and how they are checked."""
@@ -94,6 +99,8 @@ class LlmSettings:
     max_user_words: int = 300  # longer turns keep only their last words in the prompt
     first_token_timeout_s: float = 10.0  # a backend silent this long ends the reply (with a reason)
     token_timeout_s: float = 2.0  # the same, between two tokens
+    # A reply whose model failed (raised or timed out) before it said anything says this.
+    apology: str = "Sorry, something went wrong on my side. Could you say that again?"
     final_transcript_wait_s: float = 1.0  # the slow path waits this long for the final transcript
     draft_max_words: int = 5  # a prefix ends at its first punctuation or after this many words
     draft_max_tokens: int = 12
@@ -157,6 +164,7 @@ class SessionSettings:
     false_interruption_ms: int = 1200
     backchannels: str = "mm-hm, mhm, mm, hmm, uh-huh, yeah, yes, yep, right, okay, ok, sure, i see"
     output_rate: int = 24000  # assistant audio rate when the caller does not say (talk, eval)
+    max_errors: int = 3  # failed replies after which the conversation is closed, with the reason
 
 
 @dataclass
@@ -168,10 +176,17 @@ class ServerSettings:
     token: str = ""  # bearer token clients must send; required off loopback
     allowed_origins: str = ""  # comma-separated origins besides the page's own
     max_sessions: int = 4  # concurrent conversations; beyond: session_limit_reached
+    # New conversations wait while the ones in progress fall behind real time: recognition
+    # (median delay from end of speech to final transcript, worst conversation) or the loop.
+    admit_transcript_delay_ms: float = 1000.0
+    admit_loop_lag_ms: float = 250.0
     max_message_bytes: int = 1 << 20  # one websocket message (1 MiB: ~20 s of 24 kHz base64)
     idle_timeout_s: float = 300.0  # a connection with no input this long is closed
     # WebRTC audio packets held before decoding (20 ms each); aiortc's own choice is 4.
     webrtc_audio_packets: int = 1
+    # Every conversation's turns, written as they happen (SQLite, WAL): `relayvoice sessions`.
+    transcripts: Path = field(default_factory=_default_transcripts)
+    shutdown_grace_s: float = 10.0  # on SIGTERM, replies in progress get this long to finish
 
 
 @dataclass

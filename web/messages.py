@@ -14,7 +14,6 @@ import json
 from typing import Any, get_args
 
 from voice.events import Interrupted, SpeechEnded, SpeechStarted, TranscriptPartial, TurnEnded
-from voice.session import TurnRecord
 from voice.settings import RelayMode
 
 Json = dict[str, Any]
@@ -83,11 +82,3 @@ def error(code: str, message: str, **extra: Any) -> Json:
 
 def mode(name: str) -> Json:
     return {"type": "mode", "mode": name}
-
-
-def ms_after_speech(record: TurnRecord, at: float | None) -> float | None:
-    """``at`` in ms after the user's speech ended (None: it, or the end of speech, did not
-    happen)."""
-    if at is None or record.speech_ended_at is None:
-        return None
-    return round((at - record.speech_ended_at) * 1000, 1)

@@ -40,7 +40,7 @@ from voice.events import (
 from voice.session import TurnRecord
 from voice.settings import RelayMode
 from web import messages
-from web.messages import MODES, Json, ms_after_speech
+from web.messages import MODES, Json
 from web.websocket import Conversation, is_reply_audio
 
 RATES = (8000, 16000, 24000, 48000)
@@ -84,14 +84,14 @@ def record_message(record: TurnRecord) -> Json:
     for name, value in dataclasses.asdict(record).items():
         if not name.endswith("_at"):
             message[name] = value
-        elif name != "speech_ended_at":
-            message[name.removesuffix("_at") + "_ms"] = ms_after_speech(record, value)
+    message.update(record.timeline_ms())
     message["speech_ended_at"] = record.speech_ended_at  # for a client on the same machine
     return message
 
 
 class Pcm(Conversation):
     frame_s = FRAME_S
+    transport = "pcm"
 
     def __init__(self, request: web.Request) -> None:
         self._rate_text = request.query.get("rate", str(DEFAULT_RATE))
@@ -122,7 +122,14 @@ class Pcm(Conversation):
         self.send(messages.error(code, message))
 
     def started(self) -> None:
-        self.send({"type": "ready", "sample_rate": self.input_rate, "mode": self.session.mode})
+        self.send(
+            {
+                "type": "ready",
+                "session_id": self.session.id,
+                "sample_rate": self.input_rate,
+                "mode": self.session.mode,
+            }
+        )
 
     def observe(self, event: Event) -> None:
         if (message := event_message(event)) is not None:

@@ -133,12 +133,13 @@ def _check_format(value: object, param: str) -> None:
 
 class Realtime(Conversation):
     frame_s = DELTA_S
+    transport = "realtime"
     protocols = ("realtime",)  # the OpenAI JavaScript SDK offers it; browsers need an echo
 
     def __init__(self, request: web.Request) -> None:
         super().__init__(request, RATE, RATE)
         self._model = request.query.get("model", "relayvoice")
-        self._session_id, self._conversation_id = new_id("sess"), new_id("conv")
+        self._conversation_id = new_id("conv")
         self._user: _UserTurn | None = None  # speech heard, the turn not yet ended
         self._transcribing: deque[_UserTurn] = deque()  # ended, final transcript to come
         self._late_finals = 0  # finals still due to turns already committed
@@ -169,7 +170,7 @@ class Realtime(Conversation):
         return {
             "type": "realtime",
             "object": "realtime.session",
-            "id": self._session_id,
+            "id": f"sess_{self.session.id}",  # the id `relayvoice sessions export` takes
             "model": self._model,
             "output_modalities": ["audio"],
             "instructions": settings.llm.system_prompt,

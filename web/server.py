@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from yarl import URL
 
 from voice.engine import Engine
 from voice.settings import Settings, SettingsError
+from voice.transcripts import TranscriptStore
 from web import webrtc
 from web.access import check_exposure, refusal
 from web.hub import Hub
@@ -100,17 +102,40 @@ async def static(request: web.Request) -> web.FileResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
+    """200 while new conversations would be taken, 503 (with the reason) while they would not:
+    a load balancer sends callers elsewhere."""
     hub = request.app[HUB]
     server = request.app[SETTINGS].server
-    active = hub.metrics.sessions_active
-    return web.json_response(
-        {"ok": True, "sessions": {"active": active, "max": server.max_sessions}}
-    )
+    refused = hub.refusal()
+    body = {
+        "ok": refused is None,
+        "sessions": {"active": hub.metrics.sessions_active, "max": server.max_sessions},
+        "loop_lag_ms": round(hub.metrics.loop_lag_ms, 1),
+        "transcript_delay_ms": round(hub.metrics.transcript_delay_ms, 1),
+    }
+    if refused is not None:
+        body["refused"] = {"code": refused.code, "message": str(refused)}
+    return web.json_response(body, status=200 if refused is None else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[HUB].metrics.prometheus()
+    text = request.app[HUB].metrics.prometheus() + _process_metrics()
     return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_TYPE})
+
+
+def _process_metrics() -> str:
+    """What a leak would show: memory, threads (native ones too), descriptors, asyncio tasks."""
+    status = dict(
+        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+    )
+    rss_bytes = int(status["VmRSS"].split()[0]) * 1024
+    gauges = {
+        "process_resident_memory_bytes": rss_bytes,
+        "process_threads": int(status["Threads"]),
+        "process_open_fds": len(os.listdir("/proc/self/fd")),
+        "relayvoice_asyncio_tasks": len(asyncio.all_tasks()),
+    }
+    return "".join(f"# TYPE {name} gauge\n{name} {value}\n" for name, value in gauges.items())
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -128,17 +153,25 @@ class AccessLogger(AbstractAccessLogger):
 
 
 async def serve(settings: Settings) -> None:
-    """Load the models, serve on ``server.host``:``server.port`` until SIGINT or SIGTERM, then
-    close every conversation and the engine."""
+    """Load the models, serve on ``server.host``:``server.port`` until SIGINT or SIGTERM.
+
+    Then, in order: admit no one (``/healthz`` says 503), give replies in progress
+    ``server.shutdown_grace_s`` to finish and stop the rest, close every connection (each
+    session's transcript is finished as it closes), and close the store and the engine."""
     check_exposure(settings.server)
     host, port = settings.server.host, settings.server.port
+    store = TranscriptStore(settings.server.transcripts)
+    if unfinished := store.mark_unfinished():
+        log.warning("%d conversations were cut off when the server last stopped", unfinished)
     engine = Engine(settings)
     await engine.warm()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(create_app(Hub(engine), settings), access_log_class=AccessLogger)
+    hub = Hub(engine, store=store)
+    hub.start()
+    runner = web.AppRunner(create_app(hub, settings), access_log_class=AccessLogger)
     try:
         await runner.setup()
         try:
@@ -147,10 +180,14 @@ async def serve(settings: Settings) -> None:
             raise SettingsError(f"cannot listen on {host}:{port}: {exc}") from None
         url = URL.build(scheme="http", host=host, port=port, path="/")
         print(f"relayvoice: serving on {url}", file=sys.stderr)
+        print(f"relayvoice: transcripts in {store.path}", file=sys.stderr)
         await stop.wait()
-        log.info("shutting down")
+        log.info("shutting down: finishing replies in progress")
+        await hub.drain(settings.server.shutdown_grace_s)
     finally:
         for signum in STOP_SIGNALS:
             loop.remove_signal_handler(signum)
         await runner.cleanup()
+        await hub.close()
+        store.close()
         engine.close()

@@ -56,6 +56,7 @@ from voice.events import (
     AudioOut,
     Event,
     Interrupted,
+    SessionFailed,
     SpeechEnded,
     SpeechStarted,
     StageError,
@@ -67,8 +68,8 @@ from voice.playout import Playout, PlayoutTurn
 from voice.session import Session, TurnRecord
 from voice.settings import RelayMode, Settings
 from web import messages
-from web.hub import Hub, SessionLimitReached
-from web.messages import MODES, Json, ms_after_speech
+from web.hub import Hub, Refused
+from web.messages import MODES, Json
 
 OFFER_PATH = "/v1/webrtc/offer"
 RATE = 48000  # Opus's rate, in and out of aiortc: the transport resamples nothing
@@ -151,6 +152,8 @@ def event_message(event: Event) -> Json | None:
             return messages.interrupted(event)
         case StageError():
             return messages.error("stage_error", event.message, stage=event.stage)
+        case SessionFailed():
+            return messages.error("session_failed", event.reason)
     return None
 
 
@@ -169,11 +172,11 @@ def latency_message(record: TurnRecord) -> Json:
         "gap_ms": round(record.gap_ms, 1),
         "speech_ended_at": record.speech_ended_at,  # for a peer on the same machine
         "ms": {
-            "turn_ended": ms_after_speech(record, record.turn_ended_at),
-            "first_text": ms_after_speech(record, record.first_text_at),
-            "first_tts_audio": ms_after_speech(record, record.first_tts_audio_at),
-            "first_audio_out": ms_after_speech(record, record.first_audio_out_at),
-            "continuation_audio_out": ms_after_speech(record, record.continuation_audio_out_at),
+            "turn_ended": record.ms_after_speech(record.turn_ended_at),
+            "first_text": record.ms_after_speech(record.first_text_at),
+            "first_tts_audio": record.ms_after_speech(record.first_tts_audio_at),
+            "first_audio_out": record.ms_after_speech(record.first_audio_out_at),
+            "continuation_audio_out": record.ms_after_speech(record.continuation_audio_out_at),
         },
     }
 
@@ -323,6 +326,8 @@ class Peer:
             self._queued(event)
         elif isinstance(event, Interrupted):
             self._drop_unheard()
+        elif isinstance(event, SessionFailed):
+            self.end(event.reason)
         if (message := event_message(event)) is not None:
             self._send(message)
         self._send_records()
@@ -382,7 +387,7 @@ class Peer:
         self._last_seen = self._clock.now()
         channel.on("message", self._on_message)
         assert self.session is not None
-        self._send({"type": "ready", "mode": self.session.mode})
+        self._send({"type": "ready", "session_id": self.session.id, "mode": self.session.mode})
         outbox, self._outbox = self._outbox, []
         for message in outbox:
             self._send(message)
@@ -433,14 +438,12 @@ class Peers:
             peer = Peer(self._hub, stack)
             stack.push_async_callback(peer.pc.close)
             session = await stack.enter_async_context(
-                self._hub.session(
-                    input_rate=RATE, output_rate=RATE, mode=mode, observer=peer.observe
-                )
+                self._hub.session(RATE, RATE, mode, peer.observe, transport="webrtc")
             )
             peer.attach(session)
             await peer.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await peer.pc.setLocalDescription(await peer.pc.createAnswer())  # gathers ICE
-        except SessionLimitReached as exc:
+        except Refused as exc:
             await stack.aclose()
             return _error(503, exc.code, str(exc))
         except (ValueError, InvalidAccessError, InvalidStateError) as exc:

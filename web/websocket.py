@@ -27,10 +27,10 @@ from collections.abc import Callable
 import numpy as np
 from aiohttp import WSCloseCode, WSMessage, WSMsgType, web
 
-from voice.events import Event
+from voice.events import Event, SessionFailed
 from voice.session import Session
 from voice.settings import RelayMode, ServerSettings, Settings
-from web.hub import Hub, SessionLimitReached
+from web.hub import Hub, Refused
 
 HUB = web.AppKey("hub", Hub)
 SETTINGS = web.AppKey("settings", Settings)
@@ -188,6 +188,7 @@ class Conversation(ABC):
 
     frame_s: float  # how much of the playout each read takes (and each audio message holds)
     protocols: tuple[str, ...] = ()
+    transport: str  # the name transcripts give it
 
     def __init__(self, request: web.Request, input_rate: int, output_rate: int) -> None:
         app = request.app
@@ -198,6 +199,7 @@ class Conversation(ABC):
         self.link = Link(request, self.settings.server, app[SEND_QUEUE_BYTES], self.protocols)
         self._links = app[LINKS]
         self._session: Session | None = None
+        self._hang_up: asyncio.Task[None] | None = None
 
     @property
     def session(self) -> Session:
@@ -239,17 +241,27 @@ class Conversation(ABC):
                 await self.link.close(WSCloseCode.UNSUPPORTED_DATA, refused[1])
                 return self.link.ws
             async with self.hub.session(
-                self.input_rate, self.output_rate, self.mode, observer=self.observe
+                self.input_rate, self.output_rate, self.mode, self._observe, self.transport
             ) as session:
                 self._session = session
                 await self._converse(session)
-        except SessionLimitReached as exc:
+        except Refused as exc:
             self.error(exc.code, str(exc))
-            await self.link.close(WSCloseCode.TRY_AGAIN_LATER, "session limit reached")
+            await self.link.close(WSCloseCode.TRY_AGAIN_LATER, exc.code)
         finally:
             self._links.discard(self.link)
+            if self._hang_up is not None:
+                await asyncio.gather(self._hang_up, return_exceptions=True)
             await self.link.finish()
         return self.link.ws
+
+    def _observe(self, event: Event) -> None:
+        self.observe(event)
+        if isinstance(event, SessionFailed):  # too many failed replies: hang up, saying why
+            self.error("session_failed", event.reason)
+            self._hang_up = asyncio.create_task(
+                self.link.close(WSCloseCode.INTERNAL_ERROR, event.reason)
+            )
 
     async def _converse(self, session: Session) -> None:
         self.started()
