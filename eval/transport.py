@@ -277,8 +277,10 @@ async def pcm_client(url: str, mode: RelayMode, headers: dict[str, str]) -> Asyn
         client = PcmClient(ws, clock)
         reader = asyncio.create_task(client.read())
         try:
-            if not await until(clock, lambda: client.ready or reader.done(), CONNECT_S):
-                raise ServerFailed(f"no ready event from {endpoint} in {CONNECT_S:g} s")
+            await until(clock, lambda: client.ready or reader.done(), CONNECT_S)
+            if not client.ready:
+                said = f": {client.errors[-1].get('message')}" if client.errors else ""
+                raise ServerFailed(f"no ready event from {endpoint} in {CONNECT_S:g} s{said}")
             yield client
         finally:
             reader.cancel()

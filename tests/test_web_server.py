@@ -18,6 +18,7 @@ from web_fakes import FakeEngine, serving
 import web.server
 from voice.cli import main
 from voice.settings import Settings, SettingsError
+from voice.transcripts import TranscriptStore
 
 
 def secured(**server: object) -> FakeEngine:
@@ -202,6 +203,10 @@ async def test_serve_runs_until_sigterm_then_ends_every_conversation_and_the_eng
         await asyncio.wait_for(server, 5)
     assert engines[0].closed and engines[0].sessions
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers removed
+    store = TranscriptStore(settings.server.transcripts)  # under the test's XDG_DATA_HOME
+    (session,) = store.sessions()
+    assert session.end_reason == "the server shut down" and session.transport == "pcm"
+    store.close()
 
 
 async def test_a_busy_port_is_one_clear_error(engines):

@@ -35,6 +35,7 @@ from voice.events import (
 )
 from voice.session import Observer, Session, TurnRecord
 from voice.settings import RelayMode, Settings
+from voice.transcripts import TranscriptStore
 from web.hub import Hub
 from web.server import create_app
 
@@ -199,11 +200,13 @@ class Served:
 
 @asynccontextmanager
 async def serving(
-    engine: FakeEngine | Engine | None = None, **options: object
+    engine: FakeEngine | Engine | None = None,
+    store: TranscriptStore | None = None,
+    **options: object,
 ) -> AsyncIterator[Served]:
     """The app on 127.0.0.1 on a free port, for the duration of the block."""
     engine = engine or FakeEngine()
-    hub = Hub(engine, RealClock())  # type: ignore[arg-type]
+    hub = Hub(engine, RealClock(), store)  # type: ignore[arg-type]
     runner = web.AppRunner(create_app(hub, engine.settings, **options))  # type: ignore[arg-type]
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

@@ -260,10 +260,10 @@ class Session:
             case StageError():
                 if (record := self._open.get(self.relay.turn_id)) is not None:
                     record.errors.append(f"{event.stage}: {event.message}")
-                if event.reply_failed:
-                    self._on_failed_reply(event)
         if self._observer is not None:
             self._observer(event)
+        if isinstance(event, StageError) and event.reply_failed:
+            self._on_failed_reply(event)  # after the error itself is told
 
     def _on_failed_reply(self, error: StageError) -> None:
         self.failed_replies.add(self.relay.turn_id)
