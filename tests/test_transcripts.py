@@ -32,7 +32,7 @@ def _turns() -> list[TurnRecord]:
         finished_at=12.0,
         reply_text="It is sunny and warm today.",
         heard_text="It is sunny and warm today.",
-        verdict="accept",
+        verdict="accepted",
         prefix_text="It is",
     )
     second = TurnRecord(
@@ -81,7 +81,7 @@ def test_round_trip_two_turns_with_an_interruption(store):
     assert first["timings"]["first_audio_out_ms"] == 412.3
     assert first["timings"]["stopped_ms"] is None
     assert "speech_ended_ms" not in first["timings"]
-    assert first["timings"]["verdict"] == "accept"
+    assert first["timings"]["verdict"] == "accepted"
     assert first["timings"]["prefix_text"] == "It is"
     assert first["errors"] == []
     assert second["interruption"] == "barge-in"

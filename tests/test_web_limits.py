@@ -76,7 +76,8 @@ async def test_beyond_max_sessions_a_client_is_told_and_closed(path):
 
 
 async def test_an_oversized_message_gets_an_error_then_close_1009():
-    async with serving(limited(max_message_bytes=4000)) as served, aiohttp.ClientSession() as http:
+    engine = limited(max_message_bytes=4000, max_sessions=4)  # one closes as the next opens
+    async with serving(engine) as served, aiohttp.ClientSession() as http:
         ws = await http.ws_connect(f"{served.url}/v1/realtime")
         await first_json(ws, "session.created")
         append = {"type": "input_audio_buffer.append", "audio": b64(speech(24000, 0.1, 0))}

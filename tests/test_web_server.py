@@ -59,7 +59,7 @@ async def test_health_and_metrics():
         async with http.get(f"{served.url}/healthz") as r:
             assert r.status == 200
             health = await r.json()
-            assert health["ok"] and health["sessions"] == {"active": 0, "max": 4}
+            assert health["ok"] and health["sessions"] == {"active": 0, "max": 1}
             assert health["loop_lag_ms"] >= 0 and health["transcript_delay_ms"] == 0
         served.hub.draining = True  # what SIGTERM does first: a load balancer looks elsewhere
         async with http.get(f"{served.url}/healthz") as r:

@@ -175,7 +175,9 @@ class ServerSettings:
     port: int = 8080
     token: str = ""  # bearer token clients must send; required off loopback
     allowed_origins: str = ""  # comma-separated origins besides the page's own
-    max_sessions: int = 4  # concurrent conversations; beyond: session_limit_reached
+    # Concurrent conversations; beyond: session_limit_reached. Measured (eval load --quick, 2
+    # cores, real models): at 2 the shared slow model fell behind (8 of 10 replies stalled).
+    max_sessions: int = 1
     # New conversations wait while the ones in progress fall behind real time: recognition
     # (median delay from end of speech to final transcript, worst conversation) or the loop.
     admit_transcript_delay_ms: float = 1000.0
