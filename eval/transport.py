@@ -77,13 +77,14 @@ from voice.clock import Clock, RealClock
 from voice.events import AudioFrame
 from voice.session import TurnRecord
 from voice.settings import RelayMode, Settings
-from web.webrtc import OFFER_PATH, buffer_audio_packets
+from web.webrtc import OFFER_PATH, decode_audio_at_once
 from web.webrtc import RATE as WEBRTC_RATE
 
 HOST = "127.0.0.1"
 SOUND_PEAK = 1 / 32768  # a frame whose largest sample reaches this is sound, not silence
 SERVER_START_S = 300.0  # models load and warm up before /healthz answers
 SERVER_STOP_S = 30.0  # SIGTERM, then this long to close its conversations, then SIGKILL
+SESSION_END_S = 15.0  # a closed connection's session ends on the server within this (WebRTC: 10 s)
 CONNECT_S = 30.0
 PING_S = 2.0  # what the page does: the server drops a WebRTC peer silent for 10 s
 LOG_TAIL_BYTES = 4000
@@ -166,9 +167,10 @@ async def serve(server_args: Sequence[str]) -> AsyncIterator[Server]:
         process = await asyncio.create_subprocess_exec(
             *command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT
         )
+        server = Server(url, process)
         try:
-            await _healthy(url, process)
-            yield Server(url, process)
+            await until_accepting(server)
+            yield server
         except ServerFailed as exc:
             raise ServerFailed(f"{exc}\n--- the server's log ---\n{_tail(log_file)}") from None
         finally:
@@ -181,19 +183,22 @@ async def serve(server_args: Sequence[str]) -> AsyncIterator[Server]:
                     await process.wait()
 
 
-async def _healthy(url: str, process: asyncio.subprocess.Process) -> None:
+async def until_accepting(server: Server, within_s: float = SERVER_START_S) -> None:
+    """Wait until ``/healthz`` says the server takes a new conversation: it has started, and
+    (at ``server.max_sessions``) the last connection's session has ended, which the server
+    learns a moment after the client closes it."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + SERVER_START_S
+    deadline = loop.time() + within_s
     async with aiohttp.ClientSession() as http:
         while loop.time() < deadline:
-            if process.returncode is not None:
-                raise ServerFailed(f"relayvoice serve exited with {process.returncode}")
+            if server.process.returncode is not None:
+                raise ServerFailed(f"relayvoice serve exited with {server.process.returncode}")
             with contextlib.suppress(aiohttp.ClientError):
-                async with http.get(f"{url}/healthz") as response:
+                async with http.get(f"{server.url}/healthz") as response:
                     if response.status == 200:
                         return
-            await asyncio.sleep(0.5)
-    raise ServerFailed(f"relayvoice serve did not answer {url}/healthz in {SERVER_START_S:g} s")
+            await asyncio.sleep(0.1)
+    raise ServerFailed(f"{server.url}/healthz did not answer 200 in {within_s:g} s")
 
 
 # --- clients -----------------------------------------------------------------------------------
@@ -343,7 +348,7 @@ async def webrtc_client(
 
     def on_track(track: MediaStreamTrack) -> None:
         # like a browser's adaptive buffer on loopback, not aiortc's fixed 80 ms
-        buffer_audio_packets(pc, track, packets=1)
+        decode_audio_at_once(pc, track)
         tasks.append(asyncio.ensure_future(client.listen(track)))
 
     pc.on("track", on_track)
@@ -440,6 +445,7 @@ async def evaluate(
         total, n = len(cases) * len(modes), 0
         for dialogue in cases:
             for mode in modes:
+                await until_accepting(server, SESSION_END_S)
                 async with connect(url, mode, headers) as client:
                     results += await run_dialogue(client, dialogue, mode, settle_s)
                 n += 1

@@ -295,9 +295,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval" and args.suite == "load":
             from eval.load import main as eval_load
 
-            return eval_load(
-                settings, args.quick, args.json, _global_args(args), args.soak_minutes
-            )
+            return eval_load(settings, args.quick, args.json, _global_args(args), args.soak_minutes)
         if args.command == "eval" and args.suite == "turn":
             from eval.turn import main as eval_turn
 

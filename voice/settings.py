@@ -184,8 +184,6 @@ class ServerSettings:
     admit_loop_lag_ms: float = 250.0
     max_message_bytes: int = 1 << 20  # one websocket message (1 MiB: ~20 s of 24 kHz base64)
     idle_timeout_s: float = 300.0  # a connection with no input this long is closed
-    # WebRTC audio packets held before decoding (20 ms each); aiortc's own choice is 4.
-    webrtc_audio_packets: int = 1
     # Every conversation's turns, written as they happen (SQLite, WAL): `relayvoice sessions`.
     transcripts: Path = field(default_factory=_default_transcripts)
     shutdown_grace_s: float = 10.0  # on SIGTERM, replies in progress get this long to finish

@@ -59,7 +59,7 @@ from web.messages import BadJson, Json, brief, parse
 from web.websocket import Conversation, is_reply_audio
 
 RATE = 24000
-DELTA_S = 0.1  # audio per delta: one read of the playout (up to this much added to the onset)
+DELTA_S = 0.02  # audio per delta: one read of the playout, as often as a WebRTC packet
 FORMAT = {"type": "audio/pcm", "rate": RATE}
 UNSUPPORTED = (
     "response.create",

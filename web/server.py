@@ -125,9 +125,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def _process_metrics() -> str:
     """What a leak would show: memory, threads (native ones too), descriptors, asyncio tasks."""
-    status = dict(
-        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
-    )
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     rss_bytes = int(status["VmRSS"].split()[0]) * 1024
     gauges = {
         "process_resident_memory_bytes": rss_bytes,

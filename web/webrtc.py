@@ -45,7 +45,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.exceptions import InvalidAccessError, InvalidStateError
-from aiortc.jitterbuffer import JitterBuffer
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.sdp import SessionDescription
 
@@ -217,14 +217,39 @@ class PlayoutTrack(MediaStreamTrack):
         return frame
 
 
-def buffer_audio_packets(pc: RTCPeerConnection, track: MediaStreamTrack, packets: int) -> None:
-    """aiortc decodes incoming audio only once four later packets have arrived (80 ms kept
-    for reordering on lossy networks), so the end of the user's speech reaches the VAD that
-    much later. Keep ``packets`` instead. aiortc has no setting for it: this replaces its
-    receiver's (private) jitter buffer, before any packet has arrived."""
+class AudioJitterBuffer(JitterBuffer):
+    """Hands on each audio packet the moment it arrives.
+
+    aiortc's buffer finds where a frame ends by waiting for the next packet's timestamp, and
+    keeps four frames besides (80 ms in all), so the end of the user's speech reached the VAD
+    that much later, and the first packet of a reply was heard 20 ms late. An Opus RTP packet
+    is always one whole frame, so nothing needs to wait. The receiver takes at most one frame
+    per packet received, so a packet that comes late cannot be played later without delaying
+    every packet after it for good: it is dropped (base class), as a lost one would be."""
+
+    def __init__(self) -> None:
+        super().__init__(capacity=16)
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        assert self._origin is not None  # add() has set it
+        newest = None
+        for offset in range(self.capacity):
+            if self._packets[(self._origin + offset) % self.capacity] is not None:
+                newest = offset
+        if newest is None:
+            return None
+        packet = self._packets[(self._origin + newest) % self.capacity]
+        assert packet is not None
+        self.remove(newest + 1)  # with the gaps before it: those packets come too late now
+        return JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
+
+
+def decode_audio_at_once(pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+    """Give ``track``'s receiver an ``AudioJitterBuffer``. aiortc has no setting for its
+    buffer: this replaces the receiver's private one, before any packet has arrived."""
     for transceiver in pc.getTransceivers():
         if transceiver.receiver.track is track:
-            buffer = JitterBuffer(capacity=16, prefetch=packets)
+            buffer = AudioJitterBuffer()
             transceiver.receiver._RTCRtpReceiver__jitter_buffer = buffer  # type: ignore[attr-defined]
 
 
@@ -233,7 +258,6 @@ class Peer:
 
     def __init__(self, hub: Hub, stack: AsyncExitStack) -> None:
         self._clock = hub.clock
-        self._audio_packets = hub.engine.settings.server.webrtc_audio_packets
         self._stack = stack  # holds the hub's session open until the peer ends
         self.session: Session | None = None
         self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
@@ -294,7 +318,7 @@ class Peer:
 
     def _on_track(self, track: MediaStreamTrack) -> None:
         if track.kind == "audio":
-            buffer_audio_packets(self.pc, track, self._audio_packets)
+            decode_audio_at_once(self.pc, track)
             self._listeners.append(asyncio.ensure_future(self._listen(track)))
 
     async def _listen(self, track: MediaStreamTrack) -> None:
