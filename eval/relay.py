@@ -2,11 +2,19 @@
 
 Turns come from Topical-Chat ``test_freq_audio`` (never used for training or tuning): the user's
 words are a real recogniser's output (``message_asr_A``), the three turns before are history.
-For each turn, each mode gets the same events a session would send — speech-started (the
-history pre-fill is let finish, as it would while the user speaks), turn-maybe-ended, then
-turn-ended ``MAYBE_TO_END_S`` later (the median gap `eval turn` measured), then the final
-transcript — on the real clock. The slow model then judges every full reply with the RelayS2S
-rubric (``eval/judge_reply.txt``), seeing the same last ~200 words of context.
+For each turn, each mode gets the same events a session would send, on the real clock:
+
+- speech-started, and the history pre-fill let finish, as it would while the user speaks;
+- a partial transcript lacking the turn's last ``PARTIAL_LAG_WORDS`` words, put through the
+  real end-of-turn detector: where the words sound finished it sends a speaking
+  turn-maybe-ended (the relay drafts, then the slow model reads the turn so far), and that
+  work is let finish too (a user speaks ~2.5 words/s; the recogniser's partials come every
+  ~260 ms, so the last one before the pause lacks about one word);
+- turn-maybe-ended at the pause with every word, then turn-ended ``MAYBE_TO_END_S`` later
+  (the median gap `eval turn` measured), then the final transcript.
+
+The slow model then judges every full reply with the RelayS2S rubric
+(``eval/judge_reply.txt``), seeing the same last ~200 words of context.
 """
 
 from __future__ import annotations
@@ -23,12 +31,14 @@ from eval.report import progress, publish
 from llm.backend import Message
 from llm.models import LlmModels
 from llm.verifier import WEIGHTS_FILE
+from turn.detector import TurnModels
 from voice.clock import RealClock
 from voice.corpora import topical_chat
 from voice.events import (
     Event,
     ResponseTextDelta,
     SpeechStarted,
+    TranscriptPartial,
     TurnEnded,
     TurnMaybeEnded,
     TurnTranscript,
@@ -37,6 +47,7 @@ from voice.settings import Settings
 
 MODES = ("relay", "cascaded", "fast")
 MAYBE_TO_END_S = 0.12
+PARTIAL_LAG_WORDS = 2
 SPEAKING_RATE = 2.5  # words per second, for "was the continuation ready in time"
 JUDGE_PROMPT = Path(__file__).with_name("judge_reply.txt")
 CONTEXT_WORDS = 200
@@ -73,7 +84,9 @@ def turns(limit: int | None) -> list[tuple[list[Message], str]]:
     return out[:limit]
 
 
-async def run_turn(models: LlmModels, mode: str, history: list[Message], user: str) -> Reply:
+async def run_turn(
+    models: LlmModels, turn_models: TurnModels, mode: str, history: list[Message], user: str
+) -> Reply:
     clock = RealClock()
     reply = Reply(mode)
     ended_at = 0.0
@@ -86,6 +99,14 @@ async def run_turn(models: LlmModels, mode: str, history: list[Message], user: s
     relay.history += history
     relay.on_event(SpeechStarted(t=clock.now(), audio_time=0.0))
     await relay.idle()  # the history pre-fill a session does while the user speaks
+    detector = turn_models.detector(
+        clock, lambda event: relay.on_event(event) if isinstance(event, TurnMaybeEnded) else None
+    )
+    heard = " ".join(user.split()[:-PARTIAL_LAG_WORDS])
+    if heard:
+        detector.on_event(TranscriptPartial(t=clock.now(), committed=heard, tentative=""))
+        await relay.idle()  # speculation while the user speaks
+    await detector.close()
     relay.on_event(TurnMaybeEnded(t=clock.now(), transcript=user, p_complete=0.9))
     await clock.sleep(MAYBE_TO_END_S)
     ended_at = clock.now()
@@ -136,11 +157,12 @@ def _p(values: list[float], q: float) -> float:
 
 async def evaluate(settings: Settings, quick: bool) -> dict[str, object]:
     models = LlmModels(settings)
+    turn_models = TurnModels(settings)
     cases = turns(QUICK_TURNS if quick else None)
     replies: dict[str, list[Reply]] = {mode: [] for mode in MODES}
     for n, (history, user) in enumerate(cases, 1):
         for mode in MODES:
-            reply = await run_turn(models, mode, history, user)
+            reply = await run_turn(models, turn_models, mode, history, user)
             reply.score = await judge(models, history, user, reply.text)
             replies[mode].append(reply)
         progress(n, len(cases), user)

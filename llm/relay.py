@@ -38,6 +38,7 @@ from voice.events import (
     TurnMaybeEnded,
     TurnResumed,
     TurnTranscript,
+    TurnWords,
 )
 from voice.settings import LlmSettings, RelayMode
 
@@ -119,14 +120,18 @@ class Relay:
         self._final: asyncio.Future[str] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._heard: str | None = None  # what the user heard of a reply they cut off
+        self._unread: str | None = None  # turn words the slow model has not read yet
+        self._reader: asyncio.Task[None] | None = None
         self._reply_failed = False  # the reply in progress lost words to a failing model
         self.turn_id = 0
 
     def on_event(self, event: Event) -> None:
         if isinstance(event, SpeechStarted) and not self._background:
             self._background_task(self._warm())
+        elif isinstance(event, TurnWords) and self._settings.mode != "fast":
+            self._read_ahead(self._clip(event.transcript))
         elif isinstance(event, TurnMaybeEnded) and self._settings.mode == "relay":
-            self._speculate(self._clip(event.transcript), prefill_slow=not event.speaking)
+            self._speculate(self._clip(event.transcript))
         elif isinstance(event, TurnResumed):
             self._drop_speculation()
         elif isinstance(event, TurnEnded):
@@ -150,16 +155,17 @@ class Relay:
         limit = self._settings.max_user_words
         return " ".join(words[-limit:]) if len(words) > limit else transcript
 
-    def _speculate(self, transcript: str, prefill_slow: bool) -> None:
-        """Draft for ``transcript`` unless the draft in hand still fits it; once the user
-        pauses (``prefill_slow``), the slow model also reads the turn, after the draft."""
+    def _speculate(self, transcript: str) -> None:
+        """Draft for ``transcript`` unless the draft in hand still fits it; then the slow
+        model reads the turn so far (after the draft), so that at the turn's end it reads
+        only the words that came since. While the user still speaks this costs little: the
+        ASR goes first (CPU gate) and the history is already evaluated."""
         current = self._speculation
         if current is None or not self._still_fits(current[0], transcript):
             self._drop_speculation()
             task = asyncio.create_task(self._verified_draft(transcript, speculative=True))
             current = self._speculation = (transcript, task)
-        if prefill_slow:
-            self._background_task(self._prefill(transcript, after=current[1]))
+        self._background_task(self._prefill(transcript, after=current[1]))
 
     def _still_fits(self, drafted_on: str, transcript: str) -> bool:
         """A speculative draft still answers ``transcript`` when it was written on the same
@@ -182,10 +188,11 @@ class Relay:
             self._emit(DraftReady(t=self._clock.now(), transcript=transcript, text=draft.text))
         return draft
 
-    def _background_task(self, work: Coroutine[None, None, None]) -> None:
+    def _background_task(self, work: Coroutine[None, None, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(work)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _warm(self) -> None:
         """The user has begun a turn: evaluate the history now, while they speak, so that at
@@ -203,6 +210,27 @@ class Relay:
         """Until background pre-fills are done (offline evaluation: the user spoke long enough)."""
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _read_ahead(self, transcript: str) -> None:
+        """Let the slow model read the turn while the user speaks, so that at its end only
+        the last words are new (its prompt cache keeps what it read). One pre-fill at a
+        time, always of the newest words."""
+        self._unread = transcript
+        if self._reader is None or self._reader.done():
+            self._reader = self._background_task(self._read_words())
+
+    async def _read_words(self) -> None:
+        while self._unread is not None:
+            transcript, self._unread = self._unread, None
+            speculation = self._speculation
+            if speculation is not None:  # the draft's words are heard first: it goes first
+                await asyncio.gather(speculation[1], return_exceptions=True)
+            try:
+                await self._continuer.prefill(
+                    [*self.history, Message(role="user", content=transcript)]
+                )
+            except BackendError as exc:  # only speed is lost
+                self._error(f"slow pre-fill failed: {exc}")
 
     async def _prefill(self, transcript: str, after: asyncio.Task[Draft | None]) -> None:
         """Pre-fill the slow model once the draft is written: on two cores the words the

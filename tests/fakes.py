@@ -49,10 +49,15 @@ class ScriptedModel:
         self.clock, self.pieces, self.step, self.fail_at = clock, pieces, step, fail_at
         self.calls: list[tuple[list[Message], str]] = []
         self.prefills = 0
+        self.prefilled: list[str] = []  # each pre-fill's last message
+        self.prefill_s = 0.0  # how long one pre-fill takes on the clock
         self.drafts: list[str] = []
 
     async def prefill(self, messages: Sequence[Message]) -> None:
         self.prefills += 1
+        self.prefilled.append(messages[-1].content)
+        if self.prefill_s:
+            await self.clock.sleep(self.prefill_s)
 
     async def stream(
         self, messages: Sequence[Message], assistant_prefix: str = "", max_tokens: int = 64

@@ -21,6 +21,7 @@ from voice.events import (
     TurnMaybeEnded,
     TurnResumed,
     TurnTranscript,
+    TurnWords,
 )
 from voice.settings import LlmSettings
 
@@ -253,14 +254,29 @@ async def test_a_draft_made_on_other_words_is_not_used():
     assert h.fast.drafts == ["Do you like", "Do you hate tennis and golf"]
 
 
-async def test_a_draft_starts_while_the_user_speaks_and_the_slow_model_waits_for_the_pause():
+async def test_a_draft_starts_while_the_user_speaks_and_the_slow_model_reads_the_words_after_it():
     h = Harness()
     await h.send(TurnMaybeEnded(t=0, transcript="Do you like", p_complete=0.8, speaking=True))
     await h.clock.advance(0.2)
-    assert h.fast.drafts == ["Do you like"] and h.slow.prefills == 0
+    assert h.fast.drafts == ["Do you like"] and h.slow.prefills == 1
     await h.send(TurnMaybeEnded(t=0.2, transcript="Do you like football", p_complete=0.9))
     await h.clock.advance(0.01)
-    assert h.fast.drafts == ["Do you like"] and h.slow.prefills == 1  # the draft still fits
+    assert h.fast.drafts == ["Do you like"] and h.slow.prefills == 2  # the draft still fits
     await h.send(TurnEnded(t=0.21, transcript="Do you like football", reason="test"))
     await h.run()
     assert h.deltas()[0] == (0.21, "Yes, I love", "prefix")
+
+
+async def test_the_slow_model_reads_the_turn_while_the_user_speaks_newest_words_only():
+    h = Harness()
+    h.slow.prefill_s = 0.1
+    for words in ["Do", "Do you", "Do you like", "Do you like tennis"]:
+        await h.send(TurnWords(t=h.clock.now(), transcript=words))
+        await h.clock.advance(0.03)
+    await h.clock.advance(0.5)
+    assert h.slow.prefilled == ["Do", "Do you like tennis"]  # the words in between: skipped
+    assert h.fast.prefills == 0 and h.fast.drafts == []  # words alone draft nothing
+    fast = Harness(mode="fast")
+    await fast.send(TurnWords(t=0, transcript="Do you"))
+    await fast.relay.idle()
+    assert fast.slow.prefills == 0  # the slow model has no part in this reply

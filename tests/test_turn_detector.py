@@ -23,6 +23,7 @@ from voice.events import (
     TurnMaybeEnded,
     TurnResumed,
     TurnTranscript,
+    TurnWords,
     UserIntent,
 )
 from voice.settings import TurnSettings
@@ -69,7 +70,8 @@ class Harness:
         **settings: object,
     ) -> None:
         self.clock = VirtualClock()
-        self.events: list[tuple[float, Event]] = []
+        self.events: list[tuple[float, Event]] = []  # all but TurnWords
+        self.words: list[tuple[float, str]] = []  # the TurnWords transcripts
         self.text = ScriptedText(text or {})
         audio_model = p_audio if callable(p_audio) else (lambda audio: p_audio)
         self.rate = rate
@@ -79,12 +81,19 @@ class Harness:
         self.detector = TurnDetector(
             TurnSettings(**policy),  # type: ignore[arg-type]
             self.clock,
-            lambda e: self.events.append((round(self.clock.now(), 3), e)),
+            self._collect,
             audio_model,
             self.text,
             input_rate=rate,
             executor=InlineExecutor(),
         )
+
+    def _collect(self, event: Event) -> None:
+        t = round(self.clock.now(), 3)
+        if isinstance(event, TurnWords):
+            self.words.append((t, event.transcript))
+        else:
+            self.events.append((t, event))
 
     async def run_until(self, t: float) -> None:
         """Stream audio until stream time ``t`` (clock and stream time advance together)."""
@@ -283,3 +292,21 @@ async def test_audio_model_gets_8_s_at_16_khz_whatever_the_input_rate():
     h = Harness(p_audio=model, rate=8000, text={"ok": (0.9, "end")})
     await speak(h, "ok", final="ok")
     assert seen == [round(1.08 * AUDIO_MODEL_RATE)]  # all 1.08 s so far, resampled to 16 kHz
+
+
+async def test_the_turns_words_so_far_go_out_whenever_they_change():
+    h = Harness()
+    await h.send(SpeechStarted(t=0, audio_time=0))
+    await h.send(TranscriptPartial(t=0, committed="I want", tentative="a"))
+    await h.send(TranscriptPartial(t=0, committed="I want", tentative="a"))  # no news
+    await h.send(TranscriptPartial(t=0, committed="I want a", tentative="pizza"))
+    await h.send(SpeechEnded(t=0, audio_time=0))
+    await h.send(TranscriptFinal(t=0, text="I want a pizza."))
+    await h.send(SpeechStarted(t=0, audio_time=0))
+    await h.send(TranscriptPartial(t=0, committed="", tentative="with cheese"))
+    assert [w for _, w in h.words] == [
+        "I want a",
+        "I want a pizza",
+        "I want a pizza.",
+        "I want a pizza. with cheese",
+    ]

@@ -11,7 +11,8 @@ and moves the deadline. Events out:
   P(complete) alone does while the audio model is still running (speculative work starts),
 - ``TurnEnded`` when the silence reaches the deadline,
 - ``TurnResumed`` when speech returns after a maybe-end,
-- ``UserIntent("stop")`` when the words ask the assistant to stop or wait.
+- ``UserIntent("stop")`` when the words ask the assistant to stop or wait,
+- ``TurnWords`` whenever the turn's words so far change.
 
 Silence is measured in stream time (samples pushed), so a decision never depends on how late
 an event happened to be delivered.
@@ -45,6 +46,7 @@ from voice.events import (
     TurnMaybeEnded,
     TurnResumed,
     TurnTranscript,
+    TurnWords,
     UserIntent,
 )
 from voice.models import resolve
@@ -120,6 +122,7 @@ class TurnDetector:
         self._assessing: set[asyncio.Task[None]] = set()
         self._stop_sent = False
         self._drafted_on = ""  # the words the last speaking maybe-end was sent for
+        self._words_sent = ""  # the transcript the last TurnWords carried
         self.last_assistant: str | None = None  # the assistant's last reply, for the text model
 
     @property
@@ -217,7 +220,12 @@ class TurnDetector:
     def _check_words(self) -> None:
         """New words: a stop request ("wait", "shh") is news at once, pause or not; words
         that sound finished while the user still speaks are worth a speculative draft."""
-        if self._text_model is None or not self.transcript:
+        if not self.transcript:
+            return
+        if self.transcript != self._words_sent:
+            self._words_sent = self.transcript
+            self._emit(TurnWords(t=self._clock.now(), transcript=self.transcript))
+        if self._text_model is None:
             return
         words = self._text_model.predict(self.transcript, self.last_assistant)
         if words.intent == "stop" and not self._stop_sent:
@@ -304,7 +312,7 @@ class TurnDetector:
         transcript, finals = self.transcript, self._finals
         self._pause = None
         self._finals, self._partial, self._stop_sent = [], "", False
-        self._drafted_on = ""
+        self._drafted_on = self._words_sent = ""
         if not transcript:
             return
         self._emit(TurnEnded(t=self._clock.now(), transcript=transcript, reason=reason))

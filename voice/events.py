@@ -72,11 +72,19 @@ class TranscriptFinal:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TurnWords:
+    """The words of the user's turn so far (every segment's final, then the partial), sent
+    whenever they change: the slow model can read them while the user still speaks."""
+
+    t: float
+    transcript: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TurnMaybeEnded:
     """Early, speculative: the user may have finished. Work started on it may be thrown away.
 
-    ``speaking``: the words so far sound finished but the user has not paused yet; worth a
-    cheap draft, not yet the slow model's time."""
+    ``speaking``: the words so far sound finished but the user has not paused yet."""
 
     t: float
     transcript: str
@@ -212,6 +220,7 @@ Event = (
     | SpeechEnded
     | TranscriptPartial
     | TranscriptFinal
+    | TurnWords
     | TurnMaybeEnded
     | TurnEnded
     | TurnTranscript

@@ -49,6 +49,7 @@ from voice.events import (
     TurnMaybeEnded,
     TurnResumed,
     TurnTranscript,
+    TurnWords,
     UserIntent,
 )
 from voice.playout import Playout, PlayoutTurn
@@ -227,6 +228,9 @@ class Session:
                 self._on_words(event.text, final=isinstance(event, TranscriptFinal))
                 if isinstance(event, TranscriptFinal) and self._speech_ended_at is not None:
                     self.transcript_delays.append(event.t - self._speech_ended_at)
+            case TurnWords():
+                if self._listening:
+                    self.relay.on_event(event)
             case TurnMaybeEnded():
                 self._maybe_ended_at = event.t
                 if self._listening:
