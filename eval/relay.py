@@ -6,10 +6,11 @@ For each turn, each mode gets the same events a session would send, on the real 
 
 - speech-started, and the history pre-fill let finish, as it would while the user speaks;
 - a partial transcript lacking the turn's last ``PARTIAL_LAG_WORDS`` words, put through the
-  real end-of-turn detector: where the words sound finished it sends a speaking
-  turn-maybe-ended (the relay drafts, then the slow model reads the turn so far), and that
-  work is let finish too (a user speaks ~2.5 words/s; the recogniser's partials come every
-  ~260 ms, so the last one before the pause lacks about one word);
+  real end-of-turn detector, whose events go to the relay as a session sends them: the turn's
+  words (the slow model reads them) and, where they sound finished, a speaking
+  turn-maybe-ended (the relay drafts); that work is let finish too (a user speaks ~2.5
+  words/s; the recogniser's partials come every ~260 ms, so the last one before the pause
+  lacks about one word);
 - turn-maybe-ended at the pause with every word, then turn-ended ``MAYBE_TO_END_S`` later
   (the median gap `eval turn` measured), then the final transcript.
 
@@ -42,6 +43,7 @@ from voice.events import (
     TurnEnded,
     TurnMaybeEnded,
     TurnTranscript,
+    TurnWords,
 )
 from voice.settings import Settings
 
@@ -99,9 +101,12 @@ async def run_turn(
     relay.history += history
     relay.on_event(SpeechStarted(t=clock.now(), audio_time=0.0))
     await relay.idle()  # the history pre-fill a session does while the user speaks
-    detector = turn_models.detector(
-        clock, lambda event: relay.on_event(event) if isinstance(event, TurnMaybeEnded) else None
-    )
+
+    def while_speaking(event: Event) -> None:
+        if isinstance(event, TurnWords | TurnMaybeEnded):
+            relay.on_event(event)
+
+    detector = turn_models.detector(clock, while_speaking)
     heard = " ".join(user.split()[:-PARTIAL_LAG_WORDS])
     if heard:
         detector.on_event(TranscriptPartial(t=clock.now(), committed=heard, tentative=""))
