@@ -122,6 +122,7 @@ class Relay:
         self._heard: str | None = None  # what the user heard of a reply they cut off
         self._unread: str | None = None  # turn words the slow model has not read yet
         self._reader: asyncio.Task[None] | None = None
+        self._read: list[Message] = []  # the prompt the slow model read last
         self._reply_failed = False  # the reply in progress lost words to a failing model
         self.turn_id = 0
 
@@ -158,14 +159,13 @@ class Relay:
     def _speculate(self, transcript: str) -> None:
         """Draft for ``transcript`` unless the draft in hand still fits it; then the slow
         model reads the turn so far (after the draft), so that at the turn's end it reads
-        only the words that came since. While the user still speaks this costs little: the
-        ASR goes first (CPU gate) and the history is already evaluated."""
+        only the words that came since."""
         current = self._speculation
         if current is None or not self._still_fits(current[0], transcript):
             self._drop_speculation()
             task = asyncio.create_task(self._verified_draft(transcript, speculative=True))
-            current = self._speculation = (transcript, task)
-        self._background_task(self._prefill(transcript, after=current[1]))
+            self._speculation = (transcript, task)
+        self._read_ahead(transcript)
 
     def _still_fits(self, drafted_on: str, transcript: str) -> bool:
         """A speculative draft still answers ``transcript`` when it was written on the same
@@ -225,23 +225,14 @@ class Relay:
             speculation = self._speculation
             if speculation is not None:  # the draft's words are heard first: it goes first
                 await asyncio.gather(speculation[1], return_exceptions=True)
+            prompt = [*self.history, Message(role="user", content=transcript)]
+            if prompt == self._read:  # a maybe-end often repeats the words last sent
+                continue
             try:
-                await self._continuer.prefill(
-                    [*self.history, Message(role="user", content=transcript)]
-                )
+                await self._continuer.prefill(prompt)
+                self._read = prompt
             except BackendError as exc:  # only speed is lost
                 self._error(f"slow pre-fill failed: {exc}")
-
-    async def _prefill(self, transcript: str, after: asyncio.Task[Draft | None]) -> None:
-        """Pre-fill the slow model once the draft is written: on two cores the words the
-        user hears first go first (run together, each slowed the other to over a second)."""
-        await asyncio.gather(after, return_exceptions=True)
-        if after.cancelled():
-            return
-        try:
-            await self._continuer.prefill([*self.history, Message(role="user", content=transcript)])
-        except BackendError as exc:  # only speed is lost
-            self._error(f"slow pre-fill failed: {exc}")
 
     def _drop_speculation(self) -> None:
         if self._speculation is not None:

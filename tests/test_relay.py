@@ -276,6 +276,10 @@ async def test_the_slow_model_reads_the_turn_while_the_user_speaks_newest_words_
     await h.clock.advance(0.5)
     assert h.slow.prefilled == ["Do", "Do you like tennis"]  # the words in between: skipped
     assert h.fast.prefills == 0 and h.fast.drafts == []  # words alone draft nothing
+    await h.send(TurnMaybeEnded(t=h.clock.now(), transcript="Do you like tennis", p_complete=0.9))
+    await h.clock.advance(0.5)
+    assert h.fast.drafts == ["Do you like tennis"]
+    assert h.slow.prefilled == ["Do", "Do you like tennis"]  # already read: not read again
     fast = Harness(mode="fast")
     await fast.send(TurnWords(t=0, transcript="Do you"))
     await fast.relay.idle()
