@@ -170,6 +170,17 @@ async def test_our_own_voice_coming_back_is_not_an_interruption():
         assert not h.of(Interrupted)
 
 
+async def test_words_of_the_reply_not_yet_played_are_the_users_own():
+    async with Harness() as h:
+        await h.user_turn("Do you like football")
+        await h.clock.advance(0.3)  # the prefix has begun; "because it is fun" is still to come
+        assert "because" not in words_of(h.session.playout.played_text())
+        await h.send(SpeechStarted(t=h.clock.now(), audio_time=0))
+        await h.send(TranscriptPartial(t=h.clock.now(), committed="because it is fun", tentative=""))
+        (stop,) = h.of(Interrupted)
+        assert stop.reason == "barge-in"
+
+
 async def test_a_stop_request_stops_the_reply_and_gets_no_answer():
     async with Harness() as h:
         await h.user_turn("Do you like football")

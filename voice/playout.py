@@ -97,6 +97,13 @@ class Playout:
     def heard_text(self) -> str:
         return " ".join(self._turn.heard) if self._turn else ""
 
+    def played_text(self) -> str:
+        """The words whose audio has begun to play: all an echo of this reply can hold."""
+        if self._turn is None:
+            return ""
+        started = [c.text for c, read in self._chunks if read > 0]
+        return " ".join([*self._turn.heard, *started])
+
     def read(self, count: int) -> np.ndarray:
         """The next ``count`` samples to play: reply audio, or silence when there is none."""
         out = np.zeros(count, dtype=np.float32)

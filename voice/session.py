@@ -387,15 +387,12 @@ class Session:
         heard = words_of(text)
         if tuple(heard) in self._backchannels:
             return True
-        own = set(words_of(self._current_reply_text()))
+        # Only what has played can come back as echo: words of the reply not yet played that
+        # the user says are theirs (a user who goes on after a pause often says them).
+        own = set(words_of(self.playout.played_text()))
         fresh = [w for w in heard if w not in own]
         echo = bool(heard) and len(fresh) <= len(heard) // 4
         return echo or len(fresh) < self._settings.interrupt_min_words
-
-    def _current_reply_text(self) -> str:
-        turn = self.playout.turn
-        record = self._open.get(turn.turn_id) if turn else None
-        return "" if record is None else record.reply_text
 
     def _on_stop_request(self) -> None:
         if not self._listening:
