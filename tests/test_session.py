@@ -176,7 +176,9 @@ async def test_words_of_the_reply_not_yet_played_are_the_users_own():
         await h.clock.advance(0.3)  # the prefix has begun; "because it is fun" is still to come
         assert "because" not in words_of(h.session.playout.played_text())
         await h.send(SpeechStarted(t=h.clock.now(), audio_time=0))
-        await h.send(TranscriptPartial(t=h.clock.now(), committed="because it is fun", tentative=""))
+        await h.send(
+            TranscriptPartial(t=h.clock.now(), committed="because it is fun", tentative="")
+        )
         (stop,) = h.of(Interrupted)
         assert stop.reason == "barge-in"
 
