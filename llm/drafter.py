@@ -48,10 +48,11 @@ class LlamaDrafter:
             Message(role="user", content=transcript),
         ]
 
-    async def prefill(self, history: Sequence[Message]) -> None:
-        """Evaluate the drafter's view of the history, the part of its prompt before the
-        user's next words."""
-        await self._backend.prefill(self.messages(history, "")[:-1])
+    async def prefill(self, history: Sequence[Message], transcript: str = "") -> None:
+        """Evaluate the drafter's prompt: its view of the history, and the user's words so
+        far when there are any."""
+        messages = self.messages(history, transcript)
+        await self._backend.prefill(messages if transcript else messages[:-1])
 
     async def draft(self, history: Sequence[Message], transcript: str) -> Draft:
         text, tokens = "", []

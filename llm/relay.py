@@ -53,7 +53,9 @@ class Draft:
 
 
 class Drafter(Protocol):
-    async def prefill(self, history: Sequence[Message]) -> None: ...
+    async def prefill(self, history: Sequence[Message], transcript: str = "") -> None:
+        """Evaluate the drafting prompt for ``history`` and the user's words so far."""
+        ...
 
     async def draft(self, history: Sequence[Message], transcript: str) -> Draft: ...
 
@@ -212,8 +214,8 @@ class Relay:
             await asyncio.gather(*self._background, return_exceptions=True)
 
     def _read_ahead(self, transcript: str) -> None:
-        """Let the slow model read the turn while the user speaks, so that at its end only
-        the last words are new (its prompt cache keeps what it read). One pre-fill at a
+        """Let the models read the turn while the user speaks, so that at its end only the
+        last words are new (their prompt caches keep what they read). One pre-fill at a
         time, always of the newest words."""
         self._unread = transcript
         if self._reader is None or self._reader.done():
@@ -222,17 +224,19 @@ class Relay:
     async def _read_words(self) -> None:
         while self._unread is not None:
             transcript, self._unread = self._unread, None
-            speculation = self._speculation
-            if speculation is not None:  # the draft's words are heard first: it goes first
-                await asyncio.gather(speculation[1], return_exceptions=True)
             prompt = [*self.history, Message(role="user", content=transcript)]
             if prompt == self._read:  # a maybe-end often repeats the words last sent
                 continue
+            self._read = prompt
             try:
+                if self._settings.mode == "relay":  # small and quick: a draft then starts sooner
+                    await self._drafter.prefill(list(self.history), transcript)
+                speculation = self._speculation
+                if speculation is not None:  # the draft's words are heard first: it goes first
+                    await asyncio.gather(speculation[1], return_exceptions=True)
                 await self._continuer.prefill(prompt)
-                self._read = prompt
             except BackendError as exc:  # only speed is lost
-                self._error(f"slow pre-fill failed: {exc}")
+                self._error(f"pre-fill failed: {exc}")
 
     def _drop_speculation(self) -> None:
         if self._speculation is not None:

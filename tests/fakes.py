@@ -53,9 +53,10 @@ class ScriptedModel:
         self.prefill_s = 0.0  # how long one pre-fill takes on the clock
         self.drafts: list[str] = []
 
-    async def prefill(self, messages: Sequence[Message]) -> None:
+    async def prefill(self, messages: Sequence[Message], transcript: str = "") -> None:
+        """``transcript``: as a drafter is given the user's words so far."""
         self.prefills += 1
-        self.prefilled.append(messages[-1].content)
+        self.prefilled.append(transcript or messages[-1].content)
         if self.prefill_s:
             await self.clock.sleep(self.prefill_s)
 

@@ -32,9 +32,18 @@ def test_real_drafter_writes_a_short_prefix():
     backend = LlamaBackend("draft", resolve("draft-llm", settings).path, 1, 1024)
     drafter = LlamaDrafter(backend, settings.llm)
     history = [Message(role="system", content=settings.llm.system_prompt)]
+
+    async def draft_twice() -> tuple[str, str]:
+        first = await drafter.draft(history, "Do you like football?")
+        await drafter.prefill(history, "Do you like")  # read while the user was speaking
+        second = await drafter.draft(history, "Do you like football?")
+        return first.text, second.text
+
     try:
         draft = asyncio.run(drafter.draft(history, "Do you like football?"))
+        fresh, after_reading = asyncio.run(draft_twice())
     finally:
         backend.close()
     assert 1 <= len(draft.text.split()) <= settings.llm.draft_max_words
     assert draft.tokens and draft.transcript == "Do you like football?"
+    assert after_reading == fresh == draft.text  # the words read ahead change nothing

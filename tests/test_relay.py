@@ -267,7 +267,7 @@ async def test_a_draft_starts_while_the_user_speaks_and_the_slow_model_reads_the
     assert h.deltas()[0] == (0.21, "Yes, I love", "prefix")
 
 
-async def test_the_slow_model_reads_the_turn_while_the_user_speaks_newest_words_only():
+async def test_the_models_read_the_turn_while_the_user_speaks_newest_words_only():
     h = Harness()
     h.slow.prefill_s = 0.1
     for words in ["Do", "Do you", "Do you like", "Do you like tennis"]:
@@ -275,11 +275,17 @@ async def test_the_slow_model_reads_the_turn_while_the_user_speaks_newest_words_
         await h.clock.advance(0.03)
     await h.clock.advance(0.5)
     assert h.slow.prefilled == ["Do", "Do you like tennis"]  # the words in between: skipped
-    assert h.fast.prefills == 0 and h.fast.drafts == []  # words alone draft nothing
+    assert h.fast.prefilled == ["Do", "Do you like tennis"]  # the drafter reads them too
+    assert h.fast.drafts == []  # words alone draft nothing
     await h.send(TurnMaybeEnded(t=h.clock.now(), transcript="Do you like tennis", p_complete=0.9))
     await h.clock.advance(0.5)
     assert h.fast.drafts == ["Do you like tennis"]
     assert h.slow.prefilled == ["Do", "Do you like tennis"]  # already read: not read again
+    assert h.fast.prefilled == ["Do", "Do you like tennis"]
+    cascaded = Harness(mode="cascaded")
+    await cascaded.send(TurnWords(t=0, transcript="Do you"))
+    await cascaded.relay.idle()
+    assert cascaded.slow.prefilled == ["Do you"] and cascaded.fast.prefills == 0
     fast = Harness(mode="fast")
     await fast.send(TurnWords(t=0, transcript="Do you"))
     await fast.relay.idle()
