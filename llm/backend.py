@@ -51,8 +51,9 @@ class Token:
 class Backend(Protocol):
     name: str
 
-    async def prefill(self, messages: Sequence[Message]) -> None:
-        """Evaluate the prompt for ``messages`` now, so that a reply to it starts sooner."""
+    async def prefill(self, messages: Sequence[Message], assistant_prefix: str = "") -> None:
+        """Evaluate the prompt for ``messages`` (and the start of the reply, when it is known)
+        now, so that a reply to it starts sooner."""
         ...
 
     def stream(
@@ -122,8 +123,8 @@ class LlamaBackend:
                 raise BackendError(f"prompt does not fit in {self._context} tokens")
             messages[-1] = Message(role=last.role, content=" ".join(words[len(words) // 4 :]))
 
-    async def prefill(self, messages: Sequence[Message]) -> None:
-        tokens = self.prompt_tokens(messages, "", reserve=256)
+    async def prefill(self, messages: Sequence[Message], assistant_prefix: str = "") -> None:
+        tokens = self.prompt_tokens(messages, assistant_prefix, reserve=256)
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._evaluate, tokens)
 

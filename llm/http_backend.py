@@ -166,12 +166,12 @@ class HttpBackend:
             body |= {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
         return f"{self._base_url}/chat/completions", body | {"messages": chat}
 
-    async def prefill(self, messages: Sequence[Message]) -> None:
+    async def prefill(self, messages: Sequence[Message], assistant_prefix: str = "") -> None:
         """Ask for one token of the reply. The server evaluates the prompt and keeps it cached,
         so the real request reads only what follows: llama-cpp-python's server reuses its
         context's longest common prefix, llama-server does so with ``cache_prompt`` (its
         default) and vLLM with prefix caching; a server without a prompt cache gains nothing."""
-        url, body = self._request(messages, "", 1, stream=False)
+        url, body = self._request(messages, assistant_prefix, 1, stream=False)
         try:
             await self._check(await self._client().post(url, json=body), url)
         except httpx2.HTTPError as exc:

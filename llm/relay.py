@@ -69,7 +69,7 @@ class Verifier(Protocol):
 
 
 class Continuer(Protocol):
-    async def prefill(self, messages: Sequence[Message]) -> None: ...
+    async def prefill(self, messages: Sequence[Message], assistant_prefix: str = "") -> None: ...
 
     def stream(
         self, messages: Sequence[Message], assistant_prefix: str = "", max_tokens: int = 64
@@ -124,7 +124,8 @@ class Relay:
         self._heard: str | None = None  # what the user heard of a reply they cut off
         self._unread: str | None = None  # turn words the slow model has not read yet
         self._reader: asyncio.Task[None] | None = None
-        self._read: list[Message] = []  # the prompt the slow model read last
+        self._drafter_read: list[Message] = []  # the prompt the drafter read last
+        self._slow_read: tuple[list[Message], str] = ([], "")  # the slow model's, and opening
         self._reply_failed = False  # the reply in progress lost words to a failing model
         self.turn_id = 0
 
@@ -225,18 +226,32 @@ class Relay:
         while self._unread is not None:
             transcript, self._unread = self._unread, None
             prompt = [*self.history, Message(role="user", content=transcript)]
-            if prompt == self._read:  # a maybe-end often repeats the words last sent
-                continue
-            self._read = prompt
             try:
-                if self._settings.mode == "relay":  # small and quick: a draft then starts sooner
+                # A maybe-end often repeats the words last read: each model reads only news.
+                if self._settings.mode == "relay" and prompt != self._drafter_read:
+                    self._drafter_read = prompt  # small and quick: a draft then starts sooner
                     await self._drafter.prefill(list(self.history), transcript)
                 speculation = self._speculation
                 if speculation is not None:  # the draft's words are heard first: it goes first
                     await asyncio.gather(speculation[1], return_exceptions=True)
-                await self._continuer.prefill(prompt)
+                opening = self._opening(transcript)
+                if (prompt, opening) != self._slow_read:
+                    self._slow_read = (prompt, opening)
+                    await self._continuer.prefill(prompt, opening)
             except BackendError as exc:  # only speed is lost
                 self._error(f"pre-fill failed: {exc}")
+
+    def _opening(self, transcript: str) -> str:
+        """The accepted draft a reply to ``transcript`` would open with, once it is written:
+        the slow model reads it too, so that on commit it continues at once."""
+        speculation = self._speculation
+        if speculation is None or not self._still_fits(speculation[0], transcript):
+            return ""
+        task = speculation[1]
+        if not task.done() or task.cancelled() or task.exception() is not None:
+            return ""
+        draft = task.result()
+        return draft.text if draft is not None else ""
 
     def _drop_speculation(self) -> None:
         if self._speculation is not None:

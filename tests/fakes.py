@@ -50,13 +50,15 @@ class ScriptedModel:
         self.calls: list[tuple[list[Message], str]] = []
         self.prefills = 0
         self.prefilled: list[str] = []  # each pre-fill's last message
+        # and its second argument: a drafter's transcript, a continuer's opening
+        self.prefill_texts: list[str] = []
         self.prefill_s = 0.0  # how long one pre-fill takes on the clock
         self.drafts: list[str] = []
 
-    async def prefill(self, messages: Sequence[Message], transcript: str = "") -> None:
-        """``transcript``: as a drafter is given the user's words so far."""
+    async def prefill(self, messages: Sequence[Message], text: str = "") -> None:
         self.prefills += 1
-        self.prefilled.append(transcript or messages[-1].content)
+        self.prefilled.append(messages[-1].content)
+        self.prefill_texts.append(text)
         if self.prefill_s:
             await self.clock.sleep(self.prefill_s)
 

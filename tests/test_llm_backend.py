@@ -57,6 +57,19 @@ def test_continues_a_committed_prefix_without_repeating_it(backend):
 
 
 @pytest.mark.integration
+def test_reading_the_opening_ahead_leaves_the_continuation_unchanged(backend):
+    async def main():
+        plain = await collect(backend, QUESTION, prefix="Yes, I love", limit=8)
+        await backend.prefill(QUESTION[:1])  # something else in the cache in between
+        await backend.prefill(QUESTION, "Yes, I love")
+        read_ahead = await collect(backend, QUESTION, prefix="Yes, I love", limit=8)
+        return plain, read_ahead
+
+    plain, read_ahead = asyncio.run(main())
+    assert [t.text for t in read_ahead] == [t.text for t in plain]
+
+
+@pytest.mark.integration
 def test_closing_the_stream_cancels_and_the_backend_stays_usable(backend):
     async def main():
         first = await collect(backend, QUESTION, limit=200, stop_after=2)

@@ -275,13 +275,19 @@ async def test_the_models_read_the_turn_while_the_user_speaks_newest_words_only(
         await h.clock.advance(0.03)
     await h.clock.advance(0.5)
     assert h.slow.prefilled == ["Do", "Do you like tennis"]  # the words in between: skipped
-    assert h.fast.prefilled == ["Do", "Do you like tennis"]  # the drafter reads them too
+    assert h.fast.prefill_texts == ["Do", "Do you like tennis"]  # the drafter reads them too
     assert h.fast.drafts == []  # words alone draft nothing
     await h.send(TurnMaybeEnded(t=h.clock.now(), transcript="Do you like tennis", p_complete=0.9))
     await h.clock.advance(0.5)
     assert h.fast.drafts == ["Do you like tennis"]
-    assert h.slow.prefilled == ["Do", "Do you like tennis"]  # already read: not read again
-    assert h.fast.prefilled == ["Do", "Do you like tennis"]
+    assert h.fast.prefill_texts == ["Do", "Do you like tennis"]  # already read: not again
+    # The slow model reads the accepted draft after the same words: on commit it goes on at once.
+    assert h.slow.prefilled == ["Do", "Do you like tennis", "Do you like tennis"]
+    assert h.slow.prefill_texts == ["", "", "Yes, I love"]
+    await h.send(TurnEnded(t=h.clock.now(), transcript="Do you like tennis", reason="test"))
+    await h.run()
+    messages, opening = h.slow.calls[0]  # the prompt it read
+    assert messages[-1].content == "Do you like tennis" and opening == "Yes, I love"
     cascaded = Harness(mode="cascaded")
     await cascaded.send(TurnWords(t=0, transcript="Do you"))
     await cascaded.relay.idle()
