@@ -77,7 +77,6 @@ class Continuer(Protocol):
 
 
 _WORD = re.compile(r"[\w']+")
-_SEAM_WORDS = 4  # continuation words held back to check the seam
 
 
 def strip_seam(prefix: str, continuation: str) -> str:
@@ -91,6 +90,22 @@ def strip_seam(prefix: str, continuation: str) -> str:
         if before[-k:] == [m.group().lower() for m in after[:k]]:
             return continuation[after[k - 1].end() :]
     return continuation
+
+
+def seam_undecided(prefix: str, continuation: str) -> bool:
+    """Whether the start of ``continuation`` might still turn out to repeat the end of
+    ``prefix``: some ending of the prefix agrees with every word so far (the last one may be
+    cut mid-word) and is longer than the words complete so far. Until it is decided the
+    continuation is held back; usually its first word settles it."""
+    before = [w.lower() for w in _WORD.findall(prefix)]
+    words = [w.lower() for w in _WORD.findall(continuation)]
+    cut_mid_word = bool(words) and _WORD.match(continuation[-1]) is not None
+    complete, partial = (words[:-1], words[-1]) if cut_mid_word else (words, "")
+    for k in range(len(complete) + 1, len(before) + 1):
+        ending = before[-k:]
+        if ending[: len(complete)] == complete and ending[len(complete)].startswith(partial):
+            return True
+    return False
 
 
 def _seam(prefix: str, continuation: str) -> str:
@@ -343,7 +358,7 @@ class Relay:
         self, turn: int, source: ResponseSource, tokens: AsyncIterator[Token], after: str = ""
     ) -> str:
         """Forward a token stream as text deltas and return the text sent. After a committed
-        prefix the first few words are held back until the seam is clean. A backend that
+        prefix the first words are held back until the seam is clean. A backend that
         fails or stalls ends the reply where it is, with a StageError saying why."""
         pending, sent, seam_open = "", "", bool(after)
         timeout = self._settings.first_token_timeout_s
@@ -352,7 +367,7 @@ class Relay:
                 timeout = self._settings.token_timeout_s
                 pending += token.text
                 if seam_open:
-                    if len(_WORD.findall(pending)) < _SEAM_WORDS:
+                    if seam_undecided(after, pending):
                         continue
                     pending, seam_open = _seam(after, pending), False
                 sent += self._send(turn, source, pending, first=not sent and not after)

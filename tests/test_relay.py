@@ -8,7 +8,7 @@ import pytest
 from fakes import ScriptedModel, Verdict
 
 from llm.backend import Message
-from llm.relay import Relay, strip_seam
+from llm.relay import Relay, seam_undecided, strip_seam
 from voice.clock import VirtualClock, settle
 from voice.events import (
     DraftReady,
@@ -72,6 +72,25 @@ class Harness:
 )
 def test_strip_seam_drops_repeated_words(prefix, continuation, expected):
     assert strip_seam(prefix, continuation) == expected
+
+
+@pytest.mark.parametrize(
+    ("continuation", "undecided"),
+    [
+        ("", True),
+        (" ", True),
+        (" lo", True),  # may become "love"
+        (" love", True),  # "love" or "lovely"
+        (" love ", False),  # repeats "love": decided (strip one word)
+        (" I", True),
+        (" I love", True),
+        (" I love foot", False),  # "I love" repeated; no longer ending of the prefix fits
+        (" foot", False),  # no ending of "Yes, I love" begins with "foot": say it now
+        (" yes, i love it", False),
+    ],
+)
+def test_the_seam_is_decided_as_soon_as_no_repeat_is_possible(continuation, undecided):
+    assert seam_undecided("Yes, I love", continuation) is undecided
 
 
 async def test_speculative_draft_is_spoken_at_the_turn_end_and_the_slow_model_continues():
