@@ -199,13 +199,27 @@ async def evaluate(settings: Settings, quick: bool) -> dict[str, object]:
         "draft_model": settings.llm.draft_model,
         "slow_model": settings.llm.slow_model,
         "replies": [
-            {
-                "user": user,
-                **{m: {"text": replies[m][i].text, "score": replies[m][i].score} for m in MODES},
-            }
+            {"user": user, **{m: reply_record(replies[m][i]) for m in MODES}}
             for i, (_, user) in enumerate(cases)
         ],
     }
+
+
+def reply_record(reply: Reply) -> dict[str, object]:
+    """One reply in the JSON: its text, score and (relay) timings, to see which turns lag."""
+    record: dict[str, object] = {"text": reply.text, "score": reply.score}
+    if reply.prefix_ms is not None:
+        record |= {
+            "prefix_words": reply.prefix_words,
+            "prefix_ms": round(reply.prefix_ms, 1),
+            "first_continuation_ms": _rounded(reply.first_continuation_ms),
+            "clause_ms": _rounded(reply.clause_ms),
+        }
+    return record
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 def format_report(report: dict[str, object]) -> str:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from eval.relay import rubric_score
+from eval.relay import Reply, reply_record, rubric_score
 
 
 @pytest.mark.parametrize(
@@ -18,3 +18,16 @@ from eval.relay import rubric_score
 )
 def test_four_yes_no_points_make_a_one_to_five_score(answer, score):
     assert rubric_score(answer) == score
+
+
+def test_each_reply_in_the_json_carries_its_timings_when_it_had_a_prefix():
+    kept = Reply("relay", "Sure, it is.", 12.34, 250.0, None, 1, 5)
+    assert reply_record(kept) == {
+        "text": "Sure, it is.",
+        "score": 5,
+        "prefix_words": 1,
+        "prefix_ms": 12.3,
+        "first_continuation_ms": 250.0,
+        "clause_ms": None,  # the continuation never finished a clause
+    }
+    assert reply_record(Reply("cascaded", "It is.", score=4)) == {"text": "It is.", "score": 4}
