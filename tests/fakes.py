@@ -53,6 +53,7 @@ class ScriptedModel:
         # and its second argument: a drafter's transcript, a continuer's opening
         self.prefill_texts: list[str] = []
         self.prefill_s = 0.0  # how long one pre-fill takes on the clock
+        self.prefill_fails = False
         self.drafts: list[str] = []
 
     async def prefill(self, messages: Sequence[Message], text: str = "") -> None:
@@ -61,6 +62,8 @@ class ScriptedModel:
         self.prefill_texts.append(text)
         if self.prefill_s:
             await self.clock.sleep(self.prefill_s)
+        if self.prefill_fails:
+            raise BackendError("out of memory")
 
     async def stream(
         self, messages: Sequence[Message], assistant_prefix: str = "", max_tokens: int = 64

@@ -315,3 +315,16 @@ async def test_the_models_read_the_turn_while_the_user_speaks_newest_words_only(
     await fast.send(TurnWords(t=0, transcript="Do you"))
     await fast.relay.idle()
     assert fast.slow.prefills == 0  # the slow model has no part in this reply
+
+
+async def test_a_failing_read_ahead_costs_only_speed():
+    h = Harness()
+    h.fast.prefill_fails = h.slow.prefill_fails = True
+    await h.send(TurnWords(t=0, transcript="Do you like"))
+    await h.send(TurnMaybeEnded(t=0, transcript="Do you like football", p_complete=0.9))
+    await h.clock.advance(0.5)
+    errors = [e for _, e in h.events if isinstance(e, StageError)]
+    assert errors and all("pre-fill failed" in e.message and not e.reply_failed for e in errors)
+    await h.send(TurnEnded(t=0.5, transcript="Do you like football", reason="test"))
+    await h.run()
+    assert h.done().text == "Yes, I love football because it is fun."
