@@ -78,9 +78,10 @@ class LlamaBackend:
 
     One llama.cpp context serves one request at a time (its KV cache is the prompt cache), so
     requests queue on the worker; a new prompt that shares a prefix with the last one only
-    evaluates the new tokens. A pre-fill is only ever a head start, so it does not begin while
-    another request is queued or running: conversations sharing the model then never queue
-    behind one another's read-ahead.
+    evaluates the new tokens. A pre-fill is only ever a head start, so it gives way: it does
+    not begin while another request is queued or running, and stops between two slices as
+    soon as a reply is waiting (what it evaluated so far stays cached). Conversations sharing
+    the model then never wait for one another's read-ahead.
     """
 
     def __init__(
@@ -102,6 +103,8 @@ class LlamaBackend:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{name}")
         self._context = context_tokens
         self._requests = 0  # submitted to the worker and not finished (the event loop's count)
+        self._replies_waiting = 0  # replies submitted and not yet begun (the worker reads it)
+        self._waiting_lock = threading.Lock()
 
     def prompt_tokens(
         self, messages: Sequence[Message], assistant_prefix: str, reserve: int
@@ -143,14 +146,21 @@ class LlamaBackend:
     def _finished(self, _: asyncio.Future[Any]) -> None:
         self._requests -= 1
 
+    def _reply_waits(self, change: int) -> None:
+        with self._waiting_lock:
+            self._replies_waiting += change
+
     def _evaluate(self, tokens: list[int]) -> None:
         """Evaluate the prompt after its cached prefix, in slices: between two, urgent work
-        (the gate) goes first, so a long pre-fill never starves the voice."""
+        (the gate) goes first, so a long pre-fill never starves the voice, and a reply that
+        is waiting for the model ends the pre-fill."""
         reuse = min(Llama.longest_token_prefix(self._llm._input_ids, tokens), len(tokens) - 1)
         self._llm.n_tokens = reuse  # eval() drops the cache after this point
         for start in range(reuse, len(tokens), PREFILL_SLICE):
             if self._gate is not None:
                 self._gate.wait_clear()
+            if self._replies_waiting:
+                return
             self._llm.eval(tokens[start : start + PREFILL_SLICE])
 
     async def stream(
@@ -165,12 +175,14 @@ class LlamaBackend:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def work() -> None:
+            self._reply_waits(-1)
             try:
                 self._generate(tokens, max_tokens, cancelled, put)
                 put(None)
             except Exception as exc:
                 put(BackendError(f"{self.name}: {exc}"))
 
+        self._reply_waits(+1)
         future = self._submit(work)
         try:
             while (item := await queue.get()) is not None:

@@ -126,3 +126,33 @@ def test_a_prefill_does_not_queue_behind_a_reply(backend):
         return order
 
     assert asyncio.run(main()) == ["prefill returned", "reply done"]
+
+
+@pytest.mark.integration
+def test_a_reply_that_arrives_ends_a_long_prefill_early(backend, monkeypatch):
+    work = []  # in the worker's order: pre-fill slices (token counts), then "reply"
+    evaluate, generate = backend._llm.eval, backend._generate
+
+    def spy_eval(tokens):
+        work.append(len(tokens))
+        return evaluate(tokens)
+
+    def spy_generate(*args):
+        work.append("reply")
+        return generate(*args)
+
+    monkeypatch.setattr(backend._llm, "eval", spy_eval)
+    monkeypatch.setattr(backend, "_generate", spy_generate)
+
+    async def main():
+        await collect(backend, QUESTION, limit=1)  # the cache holds another prompt
+        work.clear()
+        prefill = asyncio.create_task(backend.prefill(LONG))
+        await asyncio.sleep(0)  # the pre-fill is on the worker
+        reply = await collect(backend, QUESTION, limit=3)
+        await prefill
+        return reply
+
+    assert asyncio.run(main())
+    read = sum(work[: work.index("reply")])
+    assert 0 < read < len(backend.prompt_tokens(LONG, "", reserve=256)) / 2  # it gave way
