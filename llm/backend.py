@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Literal, Protocol
 
 import llama_cpp
 import numpy as np
@@ -28,7 +28,6 @@ from voice.cpu import CpuGate
 
 Role = Literal["system", "user", "assistant"]
 PREFILL_SLICE = 32  # prompt tokens evaluated at once in a pre-fill (~0.1-0.2 s on 2 cores)
-R = TypeVar("R")
 
 
 class BackendError(RuntimeError):
@@ -78,10 +77,7 @@ class LlamaBackend:
 
     One llama.cpp context serves one request at a time (its KV cache is the prompt cache), so
     requests queue on the worker; a new prompt that shares a prefix with the last one only
-    evaluates the new tokens. A pre-fill is only ever a head start, so it gives way: it does
-    not begin while another request is queued or running, and stops between two slices as
-    soon as a reply is waiting (what it evaluated so far stays cached). Conversations sharing
-    the model then never wait for one another's read-ahead.
+    evaluates the new tokens.
     """
 
     def __init__(
@@ -102,9 +98,6 @@ class LlamaBackend:
         self._end_tokens = {self._llm.token_eos(), *(end_of_turn if len(end_of_turn) == 1 else ())}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{name}")
         self._context = context_tokens
-        self._requests = 0  # submitted to the worker and not finished (the event loop's count)
-        self._replies_waiting = 0  # replies submitted and not yet begun (the worker reads it)
-        self._waiting_lock = threading.Lock()
 
     def prompt_tokens(
         self, messages: Sequence[Message], assistant_prefix: str, reserve: int
@@ -131,36 +124,18 @@ class LlamaBackend:
             messages[-1] = Message(role=last.role, content=" ".join(words[len(words) // 4 :]))
 
     async def prefill(self, messages: Sequence[Message], assistant_prefix: str = "") -> None:
-        if self._requests:  # busy: a head start now would only delay the work in hand
-            return
         tokens = self.prompt_tokens(messages, assistant_prefix, reserve=256)
-        await self._submit(self._evaluate, tokens)
-
-    def _submit(self, job: Callable[..., R], *args: Any) -> asyncio.Future[R]:
-        """Queue ``job`` on the worker, counted until it has finished."""
-        future = asyncio.get_running_loop().run_in_executor(self._executor, job, *args)
-        self._requests += 1
-        future.add_done_callback(self._finished)
-        return future
-
-    def _finished(self, _: asyncio.Future[Any]) -> None:
-        self._requests -= 1
-
-    def _reply_waits(self, change: int) -> None:
-        with self._waiting_lock:
-            self._replies_waiting += change
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._evaluate, tokens)
 
     def _evaluate(self, tokens: list[int]) -> None:
         """Evaluate the prompt after its cached prefix, in slices: between two, urgent work
-        (the gate) goes first, so a long pre-fill never starves the voice, and a reply that
-        is waiting for the model ends the pre-fill."""
+        (the gate) goes first, so a long pre-fill never starves the voice."""
         reuse = min(Llama.longest_token_prefix(self._llm._input_ids, tokens), len(tokens) - 1)
         self._llm.n_tokens = reuse  # eval() drops the cache after this point
         for start in range(reuse, len(tokens), PREFILL_SLICE):
             if self._gate is not None:
                 self._gate.wait_clear()
-            if self._replies_waiting:
-                return
             self._llm.eval(tokens[start : start + PREFILL_SLICE])
 
     async def stream(
@@ -175,15 +150,13 @@ class LlamaBackend:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def work() -> None:
-            self._reply_waits(-1)
             try:
                 self._generate(tokens, max_tokens, cancelled, put)
                 put(None)
             except Exception as exc:
                 put(BackendError(f"{self.name}: {exc}"))
 
-        self._reply_waits(+1)
-        future = self._submit(work)
+        future = loop.run_in_executor(self._executor, work)
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
@@ -216,7 +189,8 @@ class LlamaBackend:
         """Teacher-forced: the signals each token of ``text`` would have had as a reply."""
         prompt = self.prompt_tokens(messages, assistant_prefix, reserve=64)
         forced = self._llm.tokenize(text.encode(), add_bos=False, special=False)
-        return await self._submit(self._score, prompt, forced)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._score, prompt, forced)
 
     def _score(self, prompt: list[int], forced: list[int]) -> list[Token]:
         reuse = min(Llama.longest_token_prefix(self._llm._input_ids, prompt), len(prompt) - 1)
