@@ -137,7 +137,7 @@ class Relay:
         self._final: asyncio.Future[str] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._heard: str | None = None  # what the user heard of a reply they cut off
-        self._unread: str | None = None  # turn words the slow model has not read yet
+        self._unread: str | None = None  # turn words the models have not read yet
         self._reader: asyncio.Task[None] | None = None
         self._drafter_read: list[Message] = []  # the prompt the drafter read last
         self._slow_read: tuple[list[Message], str] = ([], "")  # the slow model's, and opening
@@ -175,9 +175,9 @@ class Relay:
         return " ".join(words[-limit:]) if len(words) > limit else transcript
 
     def _speculate(self, transcript: str) -> None:
-        """Draft for ``transcript`` unless the draft in hand still fits it; then the slow
-        model reads the turn so far (after the draft), so that at the turn's end it reads
-        only the words that came since."""
+        """Draft for ``transcript`` unless the draft in hand still fits it; then the models
+        read the turn so far (the slow one after the draft, and the draft too), so that at
+        the turn's end only the words that came since are new."""
         current = self._speculation
         if current is None or not self._still_fits(current[0], transcript):
             self._drop_speculation()
