@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import ctypes
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -24,10 +24,14 @@ from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from llm.llama import load_llama
+from llm.prompt_cache import PromptCache, SavedPrompt, shared_prefix
+from llm.worker import ModelWorker, Priority
 from voice.cpu import CpuGate
 
 Role = Literal["system", "user", "assistant"]
 PREFILL_SLICE = 32  # prompt tokens evaluated at once in a pre-fill (~0.1-0.2 s on 2 cores)
+KEEP_MIN_TOKENS = 64  # the prompt in the context is saved when a request would overwrite this many
+RESTORE_MIN_TOKENS = 16  # a saved prompt is restored when it spares reading this many more
 
 
 class BackendError(RuntimeError):
@@ -75,9 +79,10 @@ def token_signals(logits: np.ndarray, token: int) -> tuple[float, float, float]:
 class LlamaBackend:
     """A GGUF model in-process through llama-cpp-python; greedy decoding on one worker thread.
 
-    One llama.cpp context serves one request at a time (its KV cache is the prompt cache), so
-    requests queue on the worker; a new prompt that shares a prefix with the last one only
-    evaluates the new tokens.
+    One llama.cpp context serves one request at a time, so requests queue on the worker,
+    replies before pre-fills (llm.worker). A new prompt that shares a prefix with the one in the
+    context only evaluates the new tokens; the prompts of other conversations the context
+    turned away from are kept (llm.prompt_cache), so coming back to one costs milliseconds.
     """
 
     def __init__(
@@ -87,6 +92,7 @@ class LlamaBackend:
         threads: int,
         context_tokens: int,
         gate: CpuGate | None = None,
+        prompt_cache_mb: int = 0,
     ) -> None:
         self.name = name
         self._gate = gate  # when given, generation steps aside for urgent work between tokens
@@ -96,8 +102,9 @@ class LlamaBackend:
         )
         end_of_turn = self._llm.tokenize(b"<|im_end|>", add_bos=False, special=True)
         self._end_tokens = {self._llm.token_eos(), *(end_of_turn if len(end_of_turn) == 1 else ())}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llm-{name}")
+        self._worker = ModelWorker(f"llm-{name}")
         self._context = context_tokens
+        self.prompt_cache = PromptCache(prompt_cache_mb * 1024 * 1024)
 
     def prompt_tokens(
         self, messages: Sequence[Message], assistant_prefix: str, reserve: int
@@ -125,12 +132,12 @@ class LlamaBackend:
 
     async def prefill(self, messages: Sequence[Message], assistant_prefix: str = "") -> None:
         tokens = self.prompt_tokens(messages, assistant_prefix, reserve=256)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._evaluate, tokens)
+        await self._worker.run(Priority.READ_AHEAD, lambda: self._evaluate(tokens))
 
     def _evaluate(self, tokens: list[int]) -> None:
         """Evaluate the prompt after its cached prefix, in slices: between two, urgent work
         (the gate) goes first, so a long pre-fill never starves the voice."""
+        self._recall(tokens)
         reuse = min(Llama.longest_token_prefix(self._llm._input_ids, tokens), len(tokens) - 1)
         self._llm.n_tokens = reuse  # eval() drops the cache after this point
         for start in range(reuse, len(tokens), PREFILL_SLICE):
@@ -156,7 +163,7 @@ class LlamaBackend:
             except Exception as exc:
                 put(BackendError(f"{self.name}: {exc}"))
 
-        future = loop.run_in_executor(self._executor, work)
+        running = asyncio.create_task(self._worker.run(Priority.REPLY, work))
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
@@ -164,7 +171,8 @@ class LlamaBackend:
                 yield item
         finally:
             cancelled.set()  # stops generation within one token
-            await asyncio.shield(future)
+            running.cancel()  # leaves the queue, if it was still waiting its turn
+            await asyncio.gather(running, return_exceptions=True)
 
     def _generate(
         self,
@@ -173,6 +181,7 @@ class LlamaBackend:
         cancelled: threading.Event,
         put: Callable[[Token], None],
     ) -> None:
+        self._recall(tokens)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for count, token in enumerate(self._llm.generate(tokens, top_k=1, temp=0.0, reset=True)):
             if cancelled.is_set() or token in self._end_tokens or count >= max_tokens:
@@ -189,10 +198,10 @@ class LlamaBackend:
         """Teacher-forced: the signals each token of ``text`` would have had as a reply."""
         prompt = self.prompt_tokens(messages, assistant_prefix, reserve=64)
         forced = self._llm.tokenize(text.encode(), add_bos=False, special=False)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._score, prompt, forced)
+        return await self._worker.run(Priority.REPLY, lambda: self._score(prompt, forced))
 
     def _score(self, prompt: list[int], forced: list[int]) -> list[Token]:
+        self._recall(prompt)
         reuse = min(Llama.longest_token_prefix(self._llm._input_ids, prompt), len(prompt) - 1)
         self._llm.n_tokens = reuse  # eval() drops the cache after this point
         self._llm.eval(prompt[reuse:])
@@ -205,10 +214,37 @@ class LlamaBackend:
             self._llm.eval([token])
         return tokens
 
+    def _recall(self, tokens: list[int]) -> None:
+        """Before reading ``tokens``: save the prompt in the context if they would overwrite
+        much of it (another conversation's), and restore a saved prompt that shares more."""
+        live = self._llm.input_ids[: self._llm.n_tokens].tolist()
+        shared = shared_prefix(live, tokens)
+        if len(live) - shared >= KEEP_MIN_TOKENS and not self.prompt_cache.refresh(live):
+            self.prompt_cache.put(live, self._save_state())
+        found = self.prompt_cache.best(tokens)
+        if found is not None and found[1] >= shared + RESTORE_MIN_TOKENS:
+            self._load_state(found[0])
+
+    def _save_state(self) -> bytes:
+        ctx = self._llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
+        return ctypes.string_at(buffer, written)
+
+    def _load_state(self, saved: SavedPrompt) -> None:
+        source = ctypes.cast(ctypes.c_char_p(saved.state), ctypes.POINTER(ctypes.c_uint8))
+        if llama_cpp.llama_state_seq_set_data(self._llm._ctx.ctx, source, len(saved.state), 0) == 0:
+            self._llm.n_tokens = 0  # the context is cleared: the prompt is read again
+            raise BackendError(f"{self.name}: a saved prompt could not be restored")
+        self._llm.input_ids[: len(saved.tokens)] = saved.tokens
+        self._llm.n_tokens = len(saved.tokens)
+        self._llm._requires_eval = True  # the logits are not this prompt's
+
     def _last_logits(self) -> np.ndarray:
         pointer = llama_cpp.llama_get_logits_ith(self._llm._ctx.ctx, -1)
         return np.ctypeslib.as_array(pointer, shape=(self._llm.n_vocab(),))
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        self._worker.close()
         self._llm.close()

@@ -24,7 +24,11 @@ class LlmModels:
         s = settings.llm
         self.settings = settings
         self.draft = LlamaBackend(
-            "draft", resolve(s.draft_model, settings).path, s.draft_threads, s.context_tokens
+            "draft",
+            resolve(s.draft_model, settings).path,
+            s.draft_threads,
+            s.context_tokens,
+            prompt_cache_mb=s.prompt_cache_mb,
         )
         self.slow: LlamaBackend | HttpBackend = (
             HttpBackend.from_settings("slow", s)
@@ -35,6 +39,7 @@ class LlmModels:
                 s.slow_threads,
                 s.context_tokens,
                 gate,
+                s.prompt_cache_mb,
             )
         )
         embedder = TextEmbedder(resolve("embedding", settings).path, settings.embedding.threads)

@@ -25,7 +25,9 @@ def test_token_signals_from_logits():
 @pytest.fixture(scope="module")
 def backend() -> LlamaBackend:
     settings = Settings.load(env={})
-    backend = LlamaBackend("draft", resolve("draft-llm", settings).path, 1, 1024)
+    backend = LlamaBackend(
+        "draft", resolve("draft-llm", settings).path, 1, 1024, prompt_cache_mb=64
+    )
     yield backend
     backend.close()
 
@@ -99,3 +101,34 @@ def test_teacher_forced_scores_match_what_generation_saw(backend):
     for g, s in zip(generated, scored, strict=True):
         assert s.logprob == pytest.approx(g.logprob, abs=0.05)
         assert s.entropy == pytest.approx(g.entropy, abs=0.05)
+
+
+@pytest.mark.integration
+def test_coming_back_to_a_conversation_restores_its_prompt_instead_of_reading_it(backend):
+    """One context serves two conversations in turn: the first's prompt is saved when the
+    second overwrites it, and restored (not read again) when the first speaks next."""
+    topic = "We talked about football, the World Cup, and who scored the most goals. " * 6
+    first = [Message(role="system", content=topic), Message(role="user", content="And you?")]
+    second = [Message(role="system", content="Cats sleep a lot. " * 30), *first[1:]]
+    evaluated: list[int] = []
+    evaluate = backend._llm.eval
+
+    def counting_eval(tokens):
+        evaluated.append(len(tokens))
+        return evaluate(tokens)
+
+    async def main():
+        await backend.prefill(first)
+        plain = await collect(backend, first, limit=6)
+        await backend.prefill(second)  # overwrites the first conversation's prompt
+        backend._llm.eval = counting_eval
+        try:
+            restored = await collect(backend, first, limit=6)
+        finally:
+            backend._llm.eval = evaluate
+        return plain, restored
+
+    plain, restored = asyncio.run(main())
+    prompt = len(backend.prompt_tokens(first, "", reserve=14))
+    assert prompt > 100 and sum(evaluated) < 16  # its last token and the reply's, not the prompt
+    assert [t.text for t in restored] == [t.text for t in plain]
