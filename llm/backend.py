@@ -104,7 +104,7 @@ class LlamaBackend:
         self._end_tokens = {self._llm.token_eos(), *(end_of_turn if len(end_of_turn) == 1 else ())}
         self._worker = ModelWorker(f"llm-{name}")
         self._context = context_tokens
-        self.prompt_cache = PromptCache(prompt_cache_mb * 1024 * 1024)
+        self.prompt_cache = PromptCache(prompt_cache_mb * 1024 * 1024, KEEP_MIN_TOKENS)
 
     def prompt_tokens(
         self, messages: Sequence[Message], assistant_prefix: str, reserve: int

@@ -31,10 +31,16 @@ class SavedPrompt:
 
 
 class PromptCache:
-    """Saved prompts, least recently used dropped first, at most ``budget_bytes`` in all."""
+    """Saved prompts, least recently used dropped first, at most ``budget_bytes`` in all.
 
-    def __init__(self, budget_bytes: int) -> None:
+    A saved prompt that differs from a newly saved one only in its last ``distinct_tokens``
+    or fewer is dropped: it is the same conversation, one turn earlier (its last reply as
+    generated, where the new prompt has it as spoken), and will not be asked for again.
+    """
+
+    def __init__(self, budget_bytes: int, distinct_tokens: int = 0) -> None:
         self.budget_bytes = budget_bytes
+        self.distinct_tokens = distinct_tokens
         self._saved: OrderedDict[tuple[int, ...], SavedPrompt] = OrderedDict()
         self.bytes = 0
 
@@ -54,8 +60,10 @@ class PromptCache:
         key = tuple(tokens)
         if len(state) > self.budget_bytes or self.refresh(key):
             return
-        for older in [k for k in self._saved if shared_prefix(k, key) == len(k)]:
-            self._drop(older)  # a prefix of the new one: it covers them
+        for older in [
+            k for k in self._saved if len(k) - shared_prefix(k, key) <= self.distinct_tokens
+        ]:
+            self._drop(older)  # the new one covers them, or all that mattered of them
         self._saved[key] = SavedPrompt(key, state)
         self.bytes += len(state)
         while self.bytes > self.budget_bytes:

@@ -294,6 +294,16 @@ class Relay:
         elif self.history and self.history[-1].role == "assistant":
             self.history[-1] = Message(role="assistant", content=heard)
 
+    async def close(self) -> None:
+        """The conversation is over: the reply, the draft and the reading ahead stop (a
+        pre-fill still waiting for its model leaves the queue)."""
+        self.cancel()
+        self._drop_speculation()
+        for task in self._background:
+            task.cancel()
+        await self.wait()
+        await self.idle()
+
     async def wait(self) -> None:
         """Until the reply in progress is done (for tests and offline evaluation)."""
         if self._reply is not None:

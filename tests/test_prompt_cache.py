@@ -38,3 +38,13 @@ def test_the_least_recently_used_go_first_when_over_budget():
     assert cache.best([2]) is None and cache.best([1]) is not None
     cache.put([4], b"x" * 11)  # larger than the whole budget: not kept
     assert cache.best([4]) is None and cache.bytes == 8
+
+
+def test_the_same_conversation_a_turn_earlier_is_replaced():
+    cache = PromptCache(budget_bytes=100, distinct_tokens=2)
+    cache.put([1, 2, 3, 4, 5], b"turn 1")  # ends in the reply as generated: 4, 5
+    cache.put([9, 9, 9], b"other")
+    cache.put([1, 2, 3, 6, 7, 8], b"turn 2")  # has it as spoken: 6; the next turn: 7, 8
+    assert len(cache) == 2 and cache.best([1, 2, 3, 4, 5])[0].state == b"turn 2"
+    cache.put([1, 2, 7, 7, 7, 7], b"branch")  # three tokens apart: kept beside it
+    assert len(cache) == 3

@@ -328,3 +328,15 @@ async def test_a_failing_read_ahead_costs_only_speed():
     await h.send(TurnEnded(t=0.5, transcript="Do you like football", reason="test"))
     await h.run()
     assert h.done().text == "Yes, I love football because it is fun."
+
+
+async def test_closing_stops_the_reading_ahead_without_waiting_for_it():
+    """A conversation that ends leaves the shared models at once: its pre-fills still queued
+    (here: one that would take a minute) are cancelled, not waited for."""
+    h = Harness()
+    h.slow.prefill_s = 60.0
+    await h.send(SpeechStarted(t=0, audio_time=0))
+    await h.send(TurnWords(t=0.5, transcript="Do you like"))
+    assert h.slow.prefills  # reading, on the virtual clock: never finishes by itself
+    await asyncio.wait_for(h.relay.close(), 1)
+    assert h.clock.now() == 0

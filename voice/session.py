@@ -204,9 +204,7 @@ class Session:
         self._cancel_speech_over()
         await self.asr.close()
         await self.turn.close()
-        self.relay.cancel()
-        await self.relay.wait()
-        await self.relay.idle()
+        await self.relay.close()
         await self.voice.close()
         self.playout.stop()  # its record, if any, is kept as stopped
         self._open.clear()

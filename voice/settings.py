@@ -114,8 +114,9 @@ class LlmSettings:
     context_tokens: int = 2048
     # Per model: the KV states of conversations its one context turned away from, so that
     # coming back to one restores it (~5 ms) instead of reading it again (~4 s for 400
-    # tokens of the 1.5B model). About 29 KB a token for the 1.5B model, 23 for the 135M.
-    prompt_cache_mb: int = 512
+    # tokens of the 1.5B model). About 29 KB a token for the 1.5B model, 23 for the 135M:
+    # eight conversations of 1,000 tokens each fit.
+    prompt_cache_mb: int = 256
     # The slow model on an OpenAI-compatible server instead of in-process (llm/http_backend.py).
     slow_backend: Literal["llama", "http"] = "llama"  # http: the http_* settings below apply
     http_base_url: str = "http://127.0.0.1:8000/v1"  # the server's API root
