@@ -32,6 +32,9 @@ Role = Literal["system", "user", "assistant"]
 PREFILL_SLICE = 32  # prompt tokens evaluated at once in a pre-fill (~0.1-0.2 s on 2 cores)
 KEEP_MIN_TOKENS = 64  # the prompt in the context is saved when a request would overwrite this many
 RESTORE_MIN_TOKENS = 16  # a saved prompt is restored when it spares reading this many more
+# A reply generates this many tokens (~0.8 s of compute, ~2.5 s of speech) before it lets
+# another waiting reply have the model: replies take turns rather than wait for whole replies.
+QUANTUM_TOKENS = 8
 
 
 class BackendError(RuntimeError):
@@ -148,22 +151,30 @@ class LlamaBackend:
     async def stream(
         self, messages: Sequence[Message], assistant_prefix: str = "", max_tokens: int = 64
     ) -> AsyncIterator[Token]:
-        tokens = self.prompt_tokens(messages, assistant_prefix, reserve=max_tokens + 8)
+        prompt = self.prompt_tokens(messages, assistant_prefix, reserve=max_tokens + 8)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Token | BaseException | None] = asyncio.Queue()
         cancelled = threading.Event()
+        generated: list[int] = []  # kept between turns on the model
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
         def put(item: Token | BaseException | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        def work() -> None:
+        def work() -> bool:
             try:
-                self._generate(tokens, max_tokens, cancelled, put)
-                put(None)
+                return self._generate(prompt, generated, max_tokens, cancelled, decoder, put)
             except Exception as exc:
                 put(BackendError(f"{self.name}: {exc}"))
+                return True
 
-        running = asyncio.create_task(self._worker.run(Priority.REPLY, work))
+        async def produce() -> None:
+            priority = Priority.REPLY
+            while not await self._worker.run(priority, work):
+                priority = Priority.CONTINUATION  # after new replies, in turn with the others
+            put(None)
+
+        running = asyncio.create_task(produce())
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
@@ -171,26 +182,34 @@ class LlamaBackend:
                 yield item
         finally:
             cancelled.set()  # stops generation within one token
-            running.cancel()  # leaves the queue, if it was still waiting its turn
+            running.cancel()  # leaves the queue, if it was waiting its turn
             await asyncio.gather(running, return_exceptions=True)
 
     def _generate(
         self,
-        tokens: list[int],
+        prompt: list[int],
+        generated: list[int],
         max_tokens: int,
         cancelled: threading.Event,
+        decoder: codecs.IncrementalDecoder,
         put: Callable[[Token], None],
-    ) -> None:
+    ) -> bool:
+        """Generate on from ``generated``. False: it stopped early to let another reply have
+        the model (after ``QUANTUM_TOKENS``), and goes on at its next turn."""
+        tokens = prompt + generated
         self._recall(tokens)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for count, token in enumerate(self._llm.generate(tokens, top_k=1, temp=0.0, reset=True)):
-            if cancelled.is_set() or token in self._end_tokens or count >= max_tokens:
-                return
+            if cancelled.is_set() or token in self._end_tokens or len(generated) >= max_tokens:
+                return True
+            generated.append(token)
             logprob, entropy, margin = token_signals(self._last_logits(), token)
             text = decoder.decode(self._llm.detokenize([token]))
             put(Token(text=text, logprob=logprob, entropy=entropy, margin=margin))
+            if count + 1 >= QUANTUM_TOKENS and self._worker.waiting(Priority.CONTINUATION):
+                return False
             if self._gate is not None:  # before the next token is computed
                 self._gate.wait_clear()
+        return True
 
     async def score(
         self, messages: Sequence[Message], text: str, assistant_prefix: str = ""
@@ -225,15 +244,17 @@ class LlamaBackend:
         if found is not None and found[1] >= shared + RESTORE_MIN_TOKENS:
             self._load_state(found[0])
 
-    def _save_state(self) -> bytes:
+    def _save_state(self) -> bytearray:
         ctx = self._llm._ctx.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
-        return ctypes.string_at(buffer, written)
+        state = bytearray(llama_cpp.llama_state_seq_get_size(ctx, 0))
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)  # written in place: no copy
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, len(state), 0)
+        del buffer
+        del state[written:]
+        return state
 
     def _load_state(self, saved: SavedPrompt) -> None:
-        source = ctypes.cast(ctypes.c_char_p(saved.state), ctypes.POINTER(ctypes.c_uint8))
+        source = (ctypes.c_uint8 * len(saved.state)).from_buffer(saved.state)
         if llama_cpp.llama_state_seq_set_data(self._llm._ctx.ctx, source, len(saved.state), 0) == 0:
             self._llm.n_tokens = 0  # the context is cleared: the prompt is read again
             raise BackendError(f"{self.name}: a saved prompt could not be restored")

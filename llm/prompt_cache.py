@@ -27,7 +27,7 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 @dataclass(frozen=True, slots=True)
 class SavedPrompt:
     tokens: tuple[int, ...]
-    state: bytes  # llama_state_seq_get_data of those tokens
+    state: bytearray  # llama_state_seq_get_data of those tokens
 
 
 class PromptCache:
@@ -56,7 +56,7 @@ class PromptCache:
                 return True
         return False
 
-    def put(self, tokens: Sequence[int], state: bytes) -> None:
+    def put(self, tokens: Sequence[int], state: bytearray) -> None:
         key = tuple(tokens)
         if len(state) > self.budget_bytes or self.refresh(key):
             return

@@ -4,7 +4,8 @@ A llama.cpp context does one thing at a time, and every conversation shares it. 
 only makes a later reply sooner, while a reply is what a caller is waiting for: so a waiting
 reply always goes before a waiting pre-fill (first come, first served within each), and one
 conversation reading ahead never holds up another's answer. A request already running is not
-interrupted.
+interrupted, but a long one can look whether others wait (``waiting``), stop, and queue
+again for the rest: a generating reply does so every few tokens (llm.backend).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ T = TypeVar("T")
 
 
 class Priority(IntEnum):
-    REPLY = 0
-    READ_AHEAD = 1
-    CLOSE = 2  # after everything already queued
+    REPLY = 0  # a reply's first words: someone is waiting in silence
+    CONTINUATION = 1  # the rest of a reply that let another have the model
+    READ_AHEAD = 2
+    CLOSE = 3  # after everything already queued
 
 
 class ModelWorker:
@@ -42,6 +44,11 @@ class ModelWorker:
         future: Future[T] = Future()
         self._queue.put((priority, next(self._order), work, future))
         return await asyncio.wrap_future(future)
+
+    def waiting(self, priority: Priority) -> bool:
+        """Whether a request of ``priority`` or a more urgent one is waiting its turn."""
+        with self._queue.mutex:
+            return any(p <= priority and not f.cancelled() for p, _, _, f in self._queue.queue)
 
     def _serve(self) -> None:
         while True:

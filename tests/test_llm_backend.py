@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from llm.backend import LlamaBackend, Message, token_signals
+from llm.backend import QUANTUM_TOKENS, LlamaBackend, Message, token_signals
 from voice.models import resolve
 from voice.settings import Settings
 
@@ -132,3 +132,37 @@ def test_coming_back_to_a_conversation_restores_its_prompt_instead_of_reading_it
     prompt = len(backend.prompt_tokens(first, "", reserve=14))
     assert prompt > 100 and sum(evaluated) < 16  # its last token and the reply's, not the prompt
     assert [t.text for t in restored] == [t.text for t in plain]
+
+
+@pytest.mark.integration
+def test_two_replies_take_turns_on_the_model_and_each_is_unchanged(backend):
+    """A second conversation's reply does not wait for the whole of the first: they take
+    turns every few tokens, and each comes out as it would alone."""
+    other = [QUESTION[0], Message(role="user", content="Tell me about the moon landing.")]
+
+    async def alone(messages):
+        return [t.text for t in await collect(backend, messages, limit=40)]
+
+    async def together():
+        arrivals: list[str] = []
+
+        async def reply(name, messages):
+            texts = []
+            async for token in backend.stream(messages, "", 40):
+                arrivals.append(name)
+                texts.append(token.text)
+            return texts
+
+        first = asyncio.create_task(reply("first", QUESTION))
+        while not arrivals:
+            await asyncio.sleep(0.001)
+        second = await reply("second", other)
+        return await first, second, arrivals
+
+    async def main():
+        return await alone(QUESTION), await alone(other), await together()
+
+    first_alone, second_alone, (first, second, arrivals) = asyncio.run(main())
+    assert len(first_alone) > 2 * QUANTUM_TOKENS  # long enough to be cut in turns
+    assert first == first_alone and second == second_alone
+    assert arrivals.index("second") < len(arrivals) - arrivals[::-1].index("first") - 1

@@ -79,3 +79,23 @@ def test_work_queued_on_an_event_loop_that_ended_does_not_block_the_next():
     next_one = worker.run(Priority.REPLY, job(ran, "next"))
     assert asyncio.run(asyncio.wait_for(next_one, 10)) == "next"
     worker.close()
+
+
+async def test_work_can_see_whether_a_more_urgent_request_waits():
+    worker, ran = ModelWorker("test"), []
+    busy = Blocker(ran, "busy")
+    running = asyncio.create_task(worker.run(Priority.REPLY, busy))
+    await busy.running()
+    assert not worker.waiting(Priority.CONTINUATION)
+    ahead = asyncio.create_task(worker.run(Priority.READ_AHEAD, job(ran, "read")))
+    await asyncio.sleep(0)
+    assert not worker.waiting(Priority.CONTINUATION)  # a pre-fill is no reason to stop
+    reply = asyncio.create_task(worker.run(Priority.REPLY, job(ran, "reply")))
+    await asyncio.sleep(0)
+    assert worker.waiting(Priority.CONTINUATION)
+    reply.cancel()
+    await asyncio.sleep(0)
+    assert not worker.waiting(Priority.CONTINUATION)  # it left
+    busy.release.set()
+    await asyncio.gather(running, ahead)
+    worker.close()
