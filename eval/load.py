@@ -203,6 +203,7 @@ async def process_gauges(url: str) -> dict[str, float]:
         "process_open_fds",
         "relayvoice_asyncio_tasks",
         "relayvoice_sessions_active",
+        "relayvoice_prompt_cache_bytes",
     )
     gauges = {}
     for line in text.splitlines():
@@ -236,6 +237,9 @@ async def soak(url: str, turns: Sequence[UserTurn], seconds: float, settle_s: fl
         "rss_mb_start": round(rss[0] / MIB, 1),
         "rss_mb_end": round(rss[1] / MIB, 1),
         "rss_growth_mb": round((rss[1] - rss[0]) / MIB, 1),
+        # held by design, within llm.prompt_cache_mb per model: part of the growth above
+        "prompt_cache_mb_start": round(warm["relayvoice_prompt_cache_bytes"] / MIB, 1),
+        "prompt_cache_mb_end": round(after["relayvoice_prompt_cache_bytes"] / MIB, 1),
         "leaked_tasks": after["relayvoice_asyncio_tasks"] - before["relayvoice_asyncio_tasks"],
         "leaked_threads": after["process_threads"] - before["process_threads"],
         "leaked_fds": after["process_open_fds"] - before["process_open_fds"],

@@ -401,13 +401,17 @@ async def run_dialogue(
     results: list[TurnResult] = []
     try:
         for turn in dialogue.turns:
-            result = TurnResult(
-                dialogue.id, mode, turn, await mic.say(resample(turn.audio, RATE, client.rate))
-            )
-            results.append(result)
-            await until(clock, lambda: not mic.speaking, 60)
+            started = mic.say(resample(turn.audio, RATE, client.rate))
+            await asyncio.wait([started, speaking], return_when=asyncio.FIRST_COMPLETED)
+            await until(clock, lambda: not mic.speaking or speaking.done(), 60)
+            if speaking.done():  # the microphone could not send: the connection is gone
+                speaking.result()
+                raise ConnectionError("the microphone stopped")
             end_sent = mic.sent_at(turn.speech[1])
-            assert end_sent is not None  # every frame of the speech has been sent
+            if end_sent is None:
+                raise TimeoutError("the turn's speech was not sent within 60 s")
+            result = TurnResult(dialogue.id, mode, turn, started.result())
+            results.append(result)
             result.client = ClientTimes(end_sent)
             if await until(clock, lambda t=end_sent: client.turn_ended_since(t), settle_s + 1):
                 await until(clock, lambda t=end_sent: client.answered_since(t), REPLY_CAP_S)

@@ -53,6 +53,12 @@ class LlmModels:
             settings = dataclasses.replace(settings, mode=mode)
         return Relay(settings, self.drafter, self.verifier, self.slow, clock, emit)
 
+    @property
+    def prompt_cache_bytes(self) -> int:
+        """The saved prompts of both models, together (llm.prompt_cache)."""
+        backends = (self.draft, self.slow)
+        return sum(b.prompt_cache.bytes for b in backends if isinstance(b, LlamaBackend))
+
     def close(self) -> None:
         self.draft.close()
         self.slow.close()

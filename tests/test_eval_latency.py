@@ -11,8 +11,15 @@ import json
 import numpy as np
 import pytest
 
-from eval.latency import ClientTimes, Microphone, TurnResult, UserTurn
-from eval.transport import SOUND_PEAK, first_heard, peak, record_from_message
+from eval.latency import ClientTimes, Dialogue, Microphone, TurnResult, UserTurn
+from eval.transport import (
+    SOUND_PEAK,
+    Client,
+    first_heard,
+    peak,
+    record_from_message,
+    run_dialogue,
+)
 from voice.clock import VirtualClock
 from voice.events import AudioFrame
 from voice.session import TurnRecord
@@ -104,3 +111,29 @@ def test_the_servers_record_comes_back_on_the_shared_clock(message):
     assert back.finished_at is None
     unknown_end = dataclasses.replace(record, speech_ended_at=None)
     assert record_from_message(message(unknown_end)) is None
+
+
+class ClosingClient(Client):
+    """The server closes the connection after a few frames of the user's speech."""
+
+    rate = 16000
+
+    def __init__(self, clock) -> None:
+        super().__init__(clock)
+        self.frames = 0
+
+    async def push(self, frame: AudioFrame) -> None:
+        self.frames += 1
+        if self.frames > 5:
+            raise ConnectionResetError("Cannot write to closing transport")
+
+
+async def test_a_connection_closed_mid_turn_is_reported_as_such():
+    clock = VirtualClock()
+    client = ClosingClient(clock)
+    turn = UserTurn("t", "plain", np.full(16000, 0.1, np.float32), (0.0, 1.0))
+    replay = asyncio.create_task(run_dialogue(client, Dialogue("d", [turn]), "relay", 1.0))
+    while not replay.done():
+        await clock.advance(0.5)
+    with pytest.raises(ConnectionResetError, match="closing transport"):
+        await replay

@@ -72,6 +72,7 @@ async def test_health_and_metrics():
             text = await r.text()
     assert "# TYPE relayvoice_sessions_active gauge\nrelayvoice_sessions_active 0\n" in text
     assert 'relayvoice_onset_ms_bucket{le="+Inf"} 0' in text
+    assert "\nrelayvoice_prompt_cache_bytes 0\n" in text
 
 
 async def test_the_page_and_its_files_are_served(static_dir):

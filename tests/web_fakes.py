@@ -157,6 +157,7 @@ class FakeEngine:
         self.stages = stages
         self.sessions: list[Session] = []
         self.closed = False
+        self.prompt_cache_bytes = 0
 
     def session(
         self,

@@ -52,6 +52,10 @@ class Engine:
             on_record,
         )
 
+    @property
+    def prompt_cache_bytes(self) -> int:
+        return self.llm_models.prompt_cache_bytes
+
     async def warm(self) -> None:
         """Run each model once (weights paged in, the system prompt in both LLMs' caches),
         so that the first reply of the first conversation is not the slow one."""

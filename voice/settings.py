@@ -98,7 +98,10 @@ class LlmSettings:
     max_reply_tokens: int = 80
     max_user_words: int = 300  # longer turns keep only their last words in the prompt
     first_token_timeout_s: float = 10.0  # a backend silent this long ends the reply (with a reason)
-    token_timeout_s: float = 2.0  # the same, between two tokens
+    # The same, between two tokens. Replies on a shared model take turns (~0.8 s each, see
+    # llm.backend.QUANTUM_TOKENS), so a wait of a few seconds under load is no stall; eval
+    # load at 4 conversations ended replies that waited past 2 s.
+    token_timeout_s: float = 10.0
     # A reply whose model failed (raised or timed out) before it said anything says this.
     apology: str = "Sorry, something went wrong on my side. Could you say that again?"
     final_transcript_wait_s: float = 1.0  # the slow path waits this long for the final transcript
@@ -115,8 +118,8 @@ class LlmSettings:
     # Per model: the KV states of conversations its one context turned away from, so that
     # coming back to one restores it (~5 ms) instead of reading it again (~4 s for 400
     # tokens of the 1.5B model). About 29 KB a token for the 1.5B model, 23 for the 135M:
-    # eight conversations of 1,000 tokens each fit.
-    prompt_cache_mb: int = 256
+    # four conversations of 1,000 tokens each fit.
+    prompt_cache_mb: int = 128
     # The slow model on an OpenAI-compatible server instead of in-process (llm/http_backend.py).
     slow_backend: Literal["llama", "http"] = "llama"  # http: the http_* settings below apply
     http_base_url: str = "http://127.0.0.1:8000/v1"  # the server's API root

@@ -119,12 +119,14 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    text = request.app[HUB].metrics.prometheus() + _process_metrics()
+    hub = request.app[HUB]
+    text = hub.metrics.prometheus() + _process_metrics(hub.engine.prompt_cache_bytes)
     return web.Response(body=text.encode(), headers={"Content-Type": PROMETHEUS_TYPE})
 
 
-def _process_metrics() -> str:
-    """What a leak would show: memory, threads (native ones too), descriptors, asyncio tasks."""
+def _process_metrics(prompt_cache_bytes: int) -> str:
+    """What a leak would show: memory, threads (native ones too), descriptors, asyncio tasks;
+    and the memory the models' prompt caches hold by design (bounded, llm.prompt_cache)."""
     status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     rss_bytes = int(status["VmRSS"].split()[0]) * 1024
     gauges = {
@@ -132,6 +134,7 @@ def _process_metrics() -> str:
         "process_threads": int(status["Threads"]),
         "process_open_fds": len(os.listdir("/proc/self/fd")),
         "relayvoice_asyncio_tasks": len(asyncio.all_tasks()),
+        "relayvoice_prompt_cache_bytes": prompt_cache_bytes,
     }
     return "".join(f"# TYPE {name} gauge\n{name} {value}\n" for name, value in gauges.items())
 
