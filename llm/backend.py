@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import ctypes
+import mmap
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -31,9 +32,8 @@ from voice.cpu import CpuGate
 Role = Literal["system", "user", "assistant"]
 PREFILL_SLICE = 32  # prompt tokens evaluated at once in a pre-fill (~0.1-0.2 s on 2 cores)
 KEEP_MIN_TOKENS = 64  # the prompt in the context is saved when a request would overwrite this many
-RESTORE_MIN_TOKENS = 16  # a saved prompt is restored when it spares reading this many more
-# A reply generates this many tokens (~0.8 s of compute, ~2.5 s of speech) before it lets
-# another waiting reply have the model: replies take turns rather than wait for whole replies.
+# Replies on one model take turns of this many tokens (~0.8 s of compute, ~2.5 s of speech)
+# rather than wait for whole replies; a new reply's first words go first.
 QUANTUM_TOKENS = 8
 
 
@@ -195,7 +195,9 @@ class LlamaBackend:
         put: Callable[[Token], None],
     ) -> bool:
         """Generate on from ``generated``. False: it stopped early to let another reply have
-        the model (after ``QUANTUM_TOKENS``), and goes on at its next turn."""
+        the model, and goes on at its next turn. A reply's first ``QUANTUM_TOKENS`` are never
+        cut; after them it gives way at once to a new reply's first words, and to another
+        reply's rest after ``QUANTUM_TOKENS`` more."""
         tokens = prompt + generated
         self._recall(tokens)
         for count, token in enumerate(self._llm.generate(tokens, top_k=1, temp=0.0, reset=True)):
@@ -205,7 +207,11 @@ class LlamaBackend:
             logprob, entropy, margin = token_signals(self._last_logits(), token)
             text = decoder.decode(self._llm.detokenize([token]))
             put(Token(text=text, logprob=logprob, entropy=entropy, margin=margin))
-            if count + 1 >= QUANTUM_TOKENS and self._worker.waiting(Priority.CONTINUATION):
+            if len(generated) >= QUANTUM_TOKENS and self._worker.waiting(
+                Priority.REPLY if count + 1 < QUANTUM_TOKENS else Priority.CONTINUATION
+            ):  # saved as it is, so that it goes on exactly as it would have
+                live = self._llm.input_ids[: self._llm.n_tokens].tolist()
+                self.prompt_cache.put(live, self._save_state())
                 return False
             if self._gate is not None:  # before the next token is computed
                 self._gate.wait_clear()
@@ -241,16 +247,19 @@ class LlamaBackend:
         if len(live) - shared >= KEEP_MIN_TOKENS and not self.prompt_cache.refresh(live):
             self.prompt_cache.put(live, self._save_state())
         found = self.prompt_cache.best(tokens)
-        if found is not None and found[1] >= shared + RESTORE_MIN_TOKENS:
+        if found is not None and found[1] > shared:
             self._load_state(found[0])
 
-    def _save_state(self) -> bytearray:
+    def _save_state(self) -> mmap.mmap:
+        """The context's KV state, in memory of its own: unlike the heap, freed pages go back
+        to the system at once (tens of MB come and go as conversations switch)."""
         ctx = self._llm._ctx.ctx
-        state = bytearray(llama_cpp.llama_state_seq_get_size(ctx, 0))
+        state = mmap.mmap(-1, llama_cpp.llama_state_seq_get_size(ctx, 0))
         buffer = (ctypes.c_uint8 * len(state)).from_buffer(state)  # written in place: no copy
         written = llama_cpp.llama_state_seq_get_data(ctx, buffer, len(state), 0)
         del buffer
-        del state[written:]
+        if written != len(state):
+            state.resize(written)
         return state
 
     def _load_state(self, saved: SavedPrompt) -> None:

@@ -22,11 +22,12 @@ _BREAK = re.compile(r"[,.!?;:]")
 _WORD = re.compile(r"\S+")
 
 
-def natural_break(text: str, max_words: int) -> int | None:
+def natural_break(text: str, min_words: int, max_words: int) -> int | None:
     """Where a prefix of ``text`` may end: just after the first punctuation mark that follows
-    a word, or after ``max_words`` words once the next one has begun. None: not yet."""
+    a word, from the ``min_words``-th word on, or after ``max_words`` words once the next one
+    has begun. None: not yet."""
     words = list(_WORD.finditer(text))
-    for word in words[:max_words]:
+    for word in words[min_words - 1 : max_words]:
         mark = _BREAK.search(word.group())
         if mark and word.group()[: mark.start()].strip("\"'"):
             return word.start() + mark.end()
@@ -62,7 +63,9 @@ class LlamaDrafter:
         async for token in stream:
             tokens.append(token)
             text += token.text
-            cut = natural_break(text.lstrip(), self._settings.draft_max_words)
+            cut = natural_break(
+                text.lstrip(), self._settings.draft_min_words, self._settings.draft_max_words
+            )
             if cut is not None:
                 text = text.lstrip()[:cut]
                 break

@@ -9,6 +9,7 @@ restores the one that shares the most with the new prompt.
 
 from __future__ import annotations
 
+import mmap
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,18 +25,22 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+State = mmap.mmap | bytes  # llama_state_seq_get_data's bytes (mmap: see LlamaBackend)
+
+
 @dataclass(frozen=True, slots=True)
 class SavedPrompt:
     tokens: tuple[int, ...]
-    state: bytearray  # llama_state_seq_get_data of those tokens
+    state: State
 
 
 class PromptCache:
     """Saved prompts, least recently used dropped first, at most ``budget_bytes`` in all.
 
     A saved prompt that differs from a newly saved one only in its last ``distinct_tokens``
-    or fewer is dropped: it is the same conversation, one turn earlier (its last reply as
-    generated, where the new prompt has it as spoken), and will not be asked for again.
+    or fewer (and a quarter at most) is dropped: it is the same conversation, one turn
+    earlier (its last reply as generated, where the new prompt has it as spoken), and will
+    not be asked for again.
     """
 
     def __init__(self, budget_bytes: int, distinct_tokens: int = 0) -> None:
@@ -56,18 +61,22 @@ class PromptCache:
                 return True
         return False
 
-    def put(self, tokens: Sequence[int], state: bytearray) -> None:
+    def put(self, tokens: Sequence[int], state: State) -> None:
         key = tuple(tokens)
         if len(state) > self.budget_bytes or self.refresh(key):
             return
-        for older in [
-            k for k in self._saved if len(k) - shared_prefix(k, key) <= self.distinct_tokens
-        ]:
-            self._drop(older)  # the new one covers them, or all that mattered of them
+        for older in [k for k in self._saved if self._superseded(k, key)]:
+            self._drop(older)
         self._saved[key] = SavedPrompt(key, state)
         self.bytes += len(state)
         while self.bytes > self.budget_bytes:
             self._drop(next(iter(self._saved)))
+
+    def _superseded(self, older: tuple[int, ...], newer: tuple[int, ...]) -> bool:
+        """``newer`` covers ``older``, or all but its last few tokens, and they are not two
+        conversations that share only their start (the system prompt)."""
+        shared = shared_prefix(older, newer)
+        return len(older) - shared <= self.distinct_tokens and 4 * shared >= 3 * len(older)
 
     def best(self, tokens: Sequence[int]) -> tuple[SavedPrompt, int] | None:
         """The saved prompt sharing the longest prefix with ``tokens``, and that length."""

@@ -143,7 +143,7 @@ def test_two_replies_take_turns_on_the_model_and_each_is_unchanged(backend):
     async def alone(messages):
         return [t.text for t in await collect(backend, messages, limit=40)]
 
-    async def together():
+    async def together(start_second_after: int):
         arrivals: list[str] = []
 
         async def reply(name, messages):
@@ -154,15 +154,24 @@ def test_two_replies_take_turns_on_the_model_and_each_is_unchanged(backend):
             return texts
 
         first = asyncio.create_task(reply("first", QUESTION))
-        while not arrivals:
+        while len(arrivals) < start_second_after:
             await asyncio.sleep(0.001)
         second = await reply("second", other)
         return await first, second, arrivals
 
     async def main():
-        return await alone(QUESTION), await alone(other), await together()
+        return (
+            await alone(QUESTION),
+            await alone(other),
+            await together(1),
+            await together(QUANTUM_TOKENS + 2),
+        )
 
-    first_alone, second_alone, (first, second, arrivals) = asyncio.run(main())
-    assert len(first_alone) > 2 * QUANTUM_TOKENS  # long enough to be cut in turns
-    assert first == first_alone and second == second_alone
-    assert arrivals.index("second") < len(arrivals) - arrivals[::-1].index("first") - 1
+    first_alone, second_alone, in_first_words, later = asyncio.run(main())
+    assert len(first_alone) > 3 * QUANTUM_TOKENS  # long enough to be cut in turns
+    for first, second, arrivals in (in_first_words, later):
+        assert first == first_alone and second == second_alone
+        assert arrivals.index("second") < len(arrivals) - arrivals[::-1].index("first") - 1
+    # The first reply's first words are not cut; past them, it gives way at once.
+    assert in_first_words[2].index("second") >= QUANTUM_TOKENS
+    assert later[2].index("second") <= QUANTUM_TOKENS + 2 + QUANTUM_TOKENS // 2

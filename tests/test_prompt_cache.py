@@ -42,9 +42,16 @@ def test_the_least_recently_used_go_first_when_over_budget():
 
 def test_the_same_conversation_a_turn_earlier_is_replaced():
     cache = PromptCache(budget_bytes=100, distinct_tokens=2)
-    cache.put([1, 2, 3, 4, 5], b"turn 1")  # ends in the reply as generated: 4, 5
+    cache.put([1, 2, 3, 4, 5, 6, 7, 8], b"turn 1")  # ends in the reply as generated: 7, 8
     cache.put([9, 9, 9], b"other")
-    cache.put([1, 2, 3, 6, 7, 8], b"turn 2")  # has it as spoken: 6; the next turn: 7, 8
-    assert len(cache) == 2 and cache.best([1, 2, 3, 4, 5])[0].state == b"turn 2"
-    cache.put([1, 2, 7, 7, 7, 7], b"branch")  # three tokens apart: kept beside it
+    cache.put([1, 2, 3, 4, 5, 6, 0, 10, 11], b"turn 2")  # as spoken: 0; the next turn: 10, 11
+    assert len(cache) == 2 and cache.best([1, 2, 3, 4, 5, 6, 7, 8])[0].state == b"turn 2"
+    cache.put([1, 2, 3, 4, 5, 0, 0, 0, 0], b"branch")  # three tokens apart: kept beside it
     assert len(cache) == 3
+
+
+def test_two_conversations_that_share_only_their_start_are_both_kept():
+    cache = PromptCache(budget_bytes=100, distinct_tokens=2)
+    cache.put([1, 2, 3, 4], b"a")
+    cache.put([1, 2, 5, 6], b"b")  # two tokens apart, but half of it
+    assert len(cache) == 2

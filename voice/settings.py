@@ -106,6 +106,9 @@ class LlmSettings:
     apology: str = "Sorry, something went wrong on my side. Could you say that again?"
     final_transcript_wait_s: float = 1.0  # the slow path waits this long for the final transcript
     draft_max_words: int = 5  # a prefix ends at its first punctuation or after this many words
+    # ... but not before this many: while one word ("No.", 0.4 s of speech) plays, the slow
+    # model cannot write its first clause (eval relay: 2 of 24 kept turns with a gap).
+    draft_min_words: int = 2
     draft_max_tokens: int = 12
     draft_history_turns: int = 2  # earlier exchanges the drafter sees (it is small; keep it short)
     # A draft made at a pause still opens the reply when the turn's words grew by at most this.
