@@ -187,7 +187,7 @@ class ServerSettings:
     token: str = ""  # bearer token clients must send; required off loopback
     allowed_origins: str = ""  # comma-separated origins besides the page's own
     # Concurrent conversations; beyond: session_limit_reached. Measured (eval load --quick, 2
-    # cores, real models): at 2 the shared slow model fell behind (10 of 10 replies stalled).
+    # cores, real models): at 2 the shared slow model falls behind (11 of 13 replies stalled).
     max_sessions: int = 1
     # New conversations wait while the ones in progress fall behind real time: recognition
     # (median delay from end of speech to final transcript, worst conversation) or the loop.
