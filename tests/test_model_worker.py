@@ -28,11 +28,17 @@ def job(ran: list[str], name: str):
     return lambda: ran.append(name) or name
 
 
-async def test_a_waiting_reply_goes_before_pre_fills_that_came_first():
+async def busy_worker(priority: Priority = Priority.REPLY):
+    """A worker whose thread is held by a running request (released through the Blocker)."""
     worker, ran = ModelWorker("test"), []
     busy = Blocker(ran, "busy")
-    running = asyncio.create_task(worker.run(Priority.READ_AHEAD, busy))
+    running = asyncio.create_task(worker.run(priority, busy))
     await busy.running()
+    return worker, ran, busy, running
+
+
+async def test_a_waiting_reply_goes_before_pre_fills_that_came_first():
+    worker, ran, busy, running = await busy_worker(Priority.READ_AHEAD)
     waiting = [
         asyncio.create_task(worker.run(Priority.READ_AHEAD, job(ran, "pre-fill 1"))),
         asyncio.create_task(worker.run(Priority.READ_AHEAD, job(ran, "pre-fill 2"))),
@@ -48,10 +54,7 @@ async def test_a_waiting_reply_goes_before_pre_fills_that_came_first():
 
 
 async def test_a_caller_that_leaves_the_queue_is_skipped_and_a_running_one_is_waited_for():
-    worker, ran = ModelWorker("test"), []
-    first = Blocker(ran, "first")
-    running = asyncio.create_task(worker.run(Priority.REPLY, first))
-    await first.running()
+    worker, ran, busy, running = await busy_worker()
     gone = asyncio.create_task(worker.run(Priority.REPLY, job(ran, "gone")))
     after = asyncio.create_task(worker.run(Priority.READ_AHEAD, job(ran, "after")))
     await asyncio.sleep(0)
@@ -59,9 +62,9 @@ async def test_a_caller_that_leaves_the_queue_is_skipped_and_a_running_one_is_wa
     running.cancel()  # its work is running: it finishes before anything else starts
     await asyncio.sleep(0.05)  # time for a wrongly started job to run
     assert ran == []
-    first.release.set()
+    busy.release.set()
     assert await after == "after"
-    assert ran == ["first", "after"] and gone.cancelled() and running.cancelled()
+    assert ran == ["busy", "after"] and gone.cancelled() and running.cancelled()
     worker.close()
 
 
@@ -82,10 +85,7 @@ def test_work_queued_on_an_event_loop_that_ended_does_not_block_the_next():
 
 
 async def test_work_can_see_whether_a_more_urgent_request_waits():
-    worker, ran = ModelWorker("test"), []
-    busy = Blocker(ran, "busy")
-    running = asyncio.create_task(worker.run(Priority.REPLY, busy))
-    await busy.running()
+    worker, ran, busy, running = await busy_worker()
     assert not worker.waiting(Priority.CONTINUATION)
     ahead = asyncio.create_task(worker.run(Priority.READ_AHEAD, job(ran, "read")))
     await asyncio.sleep(0)
