@@ -207,7 +207,7 @@ class LlamaBackend:
             logprob, entropy, margin = token_signals(self._last_logits(), token)
             text = decoder.decode(self._llm.detokenize([token]))
             put(Token(text=text, logprob=logprob, entropy=entropy, margin=margin))
-            if len(generated) >= QUANTUM_TOKENS and self._worker.waiting(
+            if QUANTUM_TOKENS <= len(generated) < max_tokens and self._worker.waiting(
                 Priority.REPLY if count + 1 < QUANTUM_TOKENS else Priority.CONTINUATION
             ):  # saved as it is, so that it goes on exactly as it would have
                 live = self._llm.input_ids[: self._llm.n_tokens].tolist()
