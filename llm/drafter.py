@@ -20,17 +20,29 @@ DRAFT_INSTRUCTION = (
 )
 _BREAK = re.compile(r"[,.!?;:]")
 _WORD = re.compile(r"\S+")
+# A full stop after these ends no clause ("The U.S. team", "Dr. Smith").
+_ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "jr", "sr", "vs", "etc"})
+
+
+def _ends_clause(word: str, mark: re.Match[str]) -> bool:
+    before = word[: mark.start()].strip("\"'(")
+    if not before:
+        return False
+    if mark.group() != ".":
+        return True
+    initial = before.rsplit(".", 1)[-1]
+    return not (len(initial) == 1 and initial.isalpha()) and before.lower() not in _ABBREVIATIONS
 
 
 def natural_break(text: str, min_words: int, max_words: int) -> int | None:
-    """Where a prefix of ``text`` may end: just after the first punctuation mark that follows
-    a word, from the ``min_words``-th word on, or after ``max_words`` words once the next one
-    has begun. None: not yet."""
+    """Where a prefix of ``text`` may end: just after the first punctuation mark that ends a
+    clause, from the ``min_words``-th word on (an initial's or a title's full stop does not),
+    or after ``max_words`` words once the next one has begun. None: not yet."""
     words = list(_WORD.finditer(text))
     for word in words[min_words - 1 : max_words]:
-        mark = _BREAK.search(word.group())
-        if mark and word.group()[: mark.start()].strip("\"'"):
-            return word.start() + mark.end()
+        for mark in _BREAK.finditer(word.group()):
+            if _ends_clause(word.group(), mark):
+                return word.start() + mark.end()
     if len(words) > max_words:
         return words[max_words - 1].end()
     return None

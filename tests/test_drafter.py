@@ -21,6 +21,10 @@ from voice.settings import Settings
         ("Well I think that is a great", "Well I think that is"),
         ("I love watching football with", None),  # five words: wait for the sixth or a mark
         ("...", None),  # a mark with no word before it is no break
+        ("The S. U. S. Presidents were", "The S. U. S. Presidents"),  # initials end no clause
+        ("The U.S. team won.", "The U.S. team won."),
+        ("Yes, Dr. Smith did it well", "Yes, Dr. Smith did it"),
+        ("Oh no. That", "Oh no."),
         ("", None),
     ],
 )
