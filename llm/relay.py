@@ -77,6 +77,8 @@ class Continuer(Protocol):
 
 
 _WORD = re.compile(r"[\w']+")
+_MARKS = re.compile(r"^\s*[,.!?;:]+")
+_LONGEST_LOOP_WORDS = 20
 
 
 def strip_seam(prefix: str, continuation: str) -> str:
@@ -88,7 +90,9 @@ def strip_seam(prefix: str, continuation: str) -> str:
     after = list(_WORD.finditer(continuation))
     for k in range(min(len(before), len(after)), 0, -1):
         if before[-k:] == [m.group().lower() for m in after[:k]]:
-            return continuation[after[k - 1].end() :]
+            rest = continuation[after[k - 1].end() :]
+            # "No, no," + " no, no, it" -> " it": the prefix said the mark already
+            return _MARKS.sub("", rest) if _MARKS.match(prefix.rstrip()[-1:]) else rest
     return continuation
 
 
@@ -104,6 +108,18 @@ def seam_undecided(prefix: str, continuation: str) -> bool:
     for k in range(len(complete) + 1, len(before) + 1):
         ending = before[-k:]
         if ending[: len(complete)] == complete and ending[len(complete)].startswith(partial):
+            return True
+    return False
+
+
+def repeats_itself(text: str) -> bool:
+    """Whether ``text`` ends in a loop: one word four times running, a phrase of two to five
+    words three times, or a longer one twice. Greedy decoding of a small model falls into
+    these ("no, no, no, no, ..." until the token limit); a person does not talk like that."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    for size in range(1, min(len(words) // 2, _LONGEST_LOOP_WORDS) + 1):
+        times = 4 if size == 1 else 3 if size <= 5 else 2
+        if len(words) >= size * times and words[-size * times :] == words[-size:] * times:
             return True
     return False
 
@@ -368,13 +384,17 @@ class Relay:
         self, turn: int, source: ResponseSource, tokens: AsyncIterator[Token], after: str = ""
     ) -> str:
         """Forward a token stream as text deltas and return the text sent. After a committed
-        prefix the first words are held back until the seam is clean. A backend that
-        fails or stalls ends the reply where it is, with a StageError saying why."""
+        prefix the first words are held back until the seam is clean. A reply that starts
+        repeating itself ends before the repeat that shows it. A backend that fails or stalls
+        ends the reply where it is, with a StageError saying why."""
         pending, sent, seam_open = "", "", bool(after)
         timeout = self._settings.first_token_timeout_s
         try:
             while (token := await self._next(tokens, timeout)) is not None:
                 timeout = self._settings.token_timeout_s
+                text = pending + token.text
+                if repeats_itself(after + (_seam(after, text) if seam_open else sent + text)):
+                    break
                 pending += token.text
                 if seam_open:
                     if seam_undecided(after, pending):

@@ -8,7 +8,7 @@ import pytest
 from fakes import ScriptedModel, Verdict
 
 from llm.backend import Message
-from llm.relay import Relay, seam_undecided, strip_seam
+from llm.relay import Draft, Relay, repeats_itself, seam_undecided, strip_seam
 from voice.clock import VirtualClock, settle
 from voice.events import (
     DraftReady,
@@ -68,6 +68,8 @@ class Harness:
         ("Yes, I love", " I love it.", " it."),
         ("Sure,", " here it is.", " here it is."),
         ("Well", "", ""),
+        ("No, no,", " no, no, it is.", " it is."),  # the repeated words' marks go with them
+        ("Yes, I love", " love, really.", ", really."),
     ],
 )
 def test_strip_seam_drops_repeated_words(prefix, continuation, expected):
@@ -340,3 +342,34 @@ async def test_closing_stops_the_reading_ahead_without_waiting_for_it():
     assert h.slow.prefills  # reading, on the virtual clock: never finishes by itself
     await asyncio.wait_for(h.relay.close(), 1)
     assert h.clock.now() == 0
+
+
+@pytest.mark.parametrize(
+    ("text", "loops"),
+    [
+        ("no, no, no, no", True),
+        ("no, no, no", False),  # people say that
+        ("I do. I do. I do.", True),
+        ("I do. I do.", False),
+        ("I'm not sure if I'm even a fan anymore. I'm not sure if I'm even a fan anymore.", True),
+        ("It is what it is.", False),
+        ("", False),
+    ],
+)
+def test_a_reply_that_loops_is_recognised(text, loops):
+    assert repeats_itself(text) == loops
+
+
+async def test_a_continuation_that_loops_ends_before_the_repeat_that_shows_it():
+    h = Harness(slow=[" no", ",", " no", ",", " no", ",", " no", ",", " no", "."])
+    h.fast.draft = lambda history, transcript: _draft("No, no,", transcript)  # type: ignore[method-assign]
+    await h.send(TurnEnded(t=0, transcript="Is it over", reason="test"))
+    await h.send(TurnTranscript(t=0, transcript="Is it over"))
+    await h.run()
+    # The continuation's first two "no"s repeat the prefix and are dropped at the seam; the
+    # third "no" of the reply is said, the fourth would make a loop.
+    assert h.done().text == "No, no, no," and not h.done().cancelled
+
+
+async def _draft(text: str, transcript: str) -> Draft:
+    return Draft(transcript=transcript, text=text, tokens=())
