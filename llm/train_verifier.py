@@ -7,15 +7,18 @@ Data: Topical-Chat ``valid_freq`` only, split by conversation (80 % train, 20 % 
 2. the slow model continues the reply from it (assistant pre-fill), as the relay would;
 3. the slow model, shown the last ~200 words, rates the prefix as the start of a reply from 1
    to 5 (greedy; the RelayS2S recipe with our own prompt, ``judge_prefix.txt``); 4 or 5 is
-   good. (Asked Yes/No it said Yes to every one of 20 drafts, "the should." included.) The
-   continuation is kept with the label for inspection;
+   good. (Asked Yes/No it said Yes to every one of 20 drafts, "the should." included.) But
+   a prefix from which the slow model's continuation refuses or knows nothing ("I'm sorry,"
+   -> "but I can't assist with that.") is bad whatever the rating: the judge rated 33 of 37
+   such prefixes good, yet the reply they commit to does not answer;
 4. a deliberately bad prefix: another conversation's draft, scored teacher-forced by the
    drafter in this context (label 0 without asking the judge).
 
 Labels are cached as JSON lines (re-running only trains); greedy decoding makes them
-deterministic. The threshold is the lowest that keeps precision >= ``--precision`` on
-validation: the share of spoken prefixes the judge called sensible. Validation metrics are
-written beside the weights (``verifier.json``).
+deterministic. The threshold is the lowest that keeps precision >= ``--precision`` on the
+validation drafts: the share of spoken prefixes that are good. (The bad prefixes of step 4
+teach the model but are never spoken; counting them would set the bar by a mix the relay
+never sees.) Validation metrics are written beside the weights (``verifier.json``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 import zlib
 from collections.abc import Sequence
@@ -44,6 +48,11 @@ from voice.settings import Settings
 JUDGE_PROMPT = Path(__file__).with_name("judge_prefix.txt")
 SEED = 11
 GOOD_RATING = 4  # the judge is lenient: 3 ("generic or a little off") is not good enough
+REFUSAL = re.compile(
+    r"\b(can't|cannot|can not|unable to) (assist|help|provide)"
+    r"|\b(don't|do not) (know|have (any )?(information|details|data))",
+    re.IGNORECASE,
+)
 CONTEXT_WORDS = 200
 
 
@@ -92,6 +101,11 @@ async def judge(slow: LlamaBackend, context: str, prefix: str) -> int:
     return int(digits[0]) if digits else 0
 
 
+def draft_label(rating: int, prefix: str, rest: str) -> int:
+    """1 when the judge rated the prefix good and the reply it leads to does not refuse."""
+    return int(rating >= GOOD_RATING and not REFUSAL.search(f"{prefix}{rest}"))
+
+
 def token_rows(tokens: Sequence[Token]) -> list[list[float]]:
     return [[t.logprob, t.entropy, t.margin] for t in tokens]
 
@@ -122,7 +136,7 @@ async def label(settings: Settings, limit: int, labels_file: Path) -> None:
                 rating = await judge(slow, recent_words(history, user), draft.text)
                 record = {
                     "key": key,
-                    "label": int(rating >= GOOD_RATING),
+                    "label": draft_label(rating, draft.text, rest),
                     "rating": rating,
                     "prefix": draft.text,
                     "reply_rest": rest,
@@ -167,7 +181,12 @@ def train(settings: Settings, labels_file: Path, out: Path, precision: float) ->
     records = [json.loads(line) for line in labels_file.read_text().splitlines()]
     embedder = TextEmbedder(resolve("embedding", settings).path, settings.embedding.threads)
     x = features(embedder, records)
-    y = np.array([r["label"] for r in records])
+    y = np.array(  # drafts relabelled: the cache keeps the judge's rating and the continuation
+        [
+            draft_label(r["rating"], r["prefix"], r["reply_rest"]) if "rating" in r else r["label"]
+            for r in records
+        ]
+    )
     val = np.array([r["validation"] for r in records])
     mean, scale = x[~val].mean(axis=0), x[~val].std(axis=0) + 1e-6
     best: tuple[float, float, LogisticRegression] | None = None
@@ -179,16 +198,15 @@ def train(settings: Settings, labels_file: Path, out: Path, precision: float) ->
     assert best is not None
     auc, c, model = best
     verifier = VerifierModel(model.coef_[0], float(model.intercept_[0]), mean, scale, 0.5)
-    p_val = verifier.probability(x[val])
+    drafts_val = np.array([r["key"].endswith("/draft") for r in records]) & val
+    p_drafts = verifier.probability(x[drafts_val])
     threshold = 1.0
-    for t in sorted(set(np.round(p_val, 4)), reverse=True):
-        kept = p_val >= t
-        if kept.any() and y[val][kept].mean() >= precision:
+    for t in sorted(set(np.round(p_drafts, 4)), reverse=True):
+        kept = p_drafts >= t
+        if y[drafts_val][kept].mean() >= precision:
             threshold = float(t)
     verifier.threshold = threshold
     verifier.save(out)
-    drafts_val = np.array([r["key"].endswith("/draft") for r in records]) & val
-    p_drafts = verifier.probability(x[drafts_val])
     kept = p_drafts >= threshold
     metrics = {
         "verifier_auroc_validation": float(auc),
@@ -200,7 +218,7 @@ def train(settings: Settings, labels_file: Path, out: Path, precision: float) ->
         "threshold": threshold,
         "n_train": int((~val).sum()),
         "n_validation": int(val.sum()),
-        "judge_good_rate_drafts": float(y[[r["key"].endswith("/draft") for r in records]].mean()),
+        "good_rate_drafts": float(y[[r["key"].endswith("/draft") for r in records]].mean()),
         "validation_keep_rate_drafts": float(kept.mean()),
         "validation_precision_kept_drafts": float(y[drafts_val][kept].mean())
         if kept.any()
@@ -215,7 +233,7 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, default=300)
     parser.add_argument("--labels", type=Path, default=None, help="JSON lines cache of labels")
     parser.add_argument("--out", type=Path, default=WEIGHTS_FILE)
-    parser.add_argument("--precision", type=float, default=0.9)
+    parser.add_argument("--precision", type=float, default=0.95)
     parser.add_argument("--train-only", action="store_true")
     args = parser.parse_args()
     settings = Settings.load()

@@ -1,4 +1,5 @@
-"""The verifier's features and decision rule, on a hand-set model and fake embeddings."""
+"""The verifier: its features, decision rule and training labels, on a hand-set model and fake
+embeddings."""
 
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from llm.backend import Message, Token
 from llm.relay import Draft
+from llm.train_verifier import draft_label
 from llm.verifier import Verifier, VerifierError, VerifierModel, signal_features
 
 
@@ -47,3 +49,17 @@ def test_missing_or_broken_weights_name_the_script(tmp_path: Path):
     (tmp_path / "bad.npz").write_bytes(b"not a zip")
     with pytest.raises(VerifierError, match="unreadable"):
         VerifierModel.load(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize(
+    ("rating", "prefix", "rest", "label"),
+    [
+        (5, "That's a good point,", " the Patriots won it twice.", 1),
+        (3, "That's a good point,", " the Patriots won it twice.", 0),  # the judge said no
+        (5, "I'm sorry,", " but I can't assist with that.", 0),  # a refusal follows
+        (5, "No, no,", " I don't know that.", 0),
+        (5, "I'm sorry to hear that,", " I hope your team does better.", 1),  # no refusal
+    ],
+)
+def test_a_draft_is_good_when_rated_so_and_its_reply_answers(rating, prefix, rest, label):
+    assert draft_label(rating, prefix, rest) == label
