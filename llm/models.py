@@ -38,8 +38,8 @@ class LlmModels:
                 resolve(s.slow_model, settings).path,
                 s.slow_threads,
                 s.context_tokens,
-                gate,
-                s.prompt_cache_mb,
+                gate=gate,
+                prompt_cache_mb=s.prompt_cache_mb,
             )
         )
         embedder = TextEmbedder(resolve("embedding", settings).path, settings.embedding.threads)
