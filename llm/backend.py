@@ -148,9 +148,27 @@ class LlamaBackend:
                 self._gate.wait_clear()
             self._llm.eval(tokens[start : start + PREFILL_SLICE])
 
+    def single_tokens(self, words: Sequence[str]) -> frozenset[int]:
+        """The tokens that spell one of ``words`` alone (as written, capitalised, after a
+        space or not); spellings split over several tokens are left out."""
+        spellings = {
+            f"{space}{case(w)}"
+            for w in words
+            for space in ("", " ")
+            for case in (str.lower, str.capitalize)
+        }
+        ids = [self._llm.tokenize(s.encode(), add_bos=False, special=False) for s in spellings]
+        return frozenset(t[0] for t in ids if len(t) == 1)
+
     async def stream(
-        self, messages: Sequence[Message], assistant_prefix: str = "", max_tokens: int = 64
+        self,
+        messages: Sequence[Message],
+        assistant_prefix: str = "",
+        max_tokens: int = 64,
+        avoid: frozenset[int] = frozenset(),
     ) -> AsyncIterator[Token]:
+        """As ``Backend.stream``; the model never picks a token in ``avoid`` (its signals are
+        still those of the unmasked distribution, so the verifier sees the detour)."""
         prompt = self.prompt_tokens(messages, assistant_prefix, reserve=max_tokens + 8)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Token | BaseException | None] = asyncio.Queue()
@@ -163,7 +181,7 @@ class LlamaBackend:
 
         def work() -> bool:
             try:
-                return self._generate(prompt, generated, max_tokens, cancelled, decoder, put)
+                return self._generate(prompt, generated, max_tokens, cancelled, decoder, put, avoid)
             except Exception as exc:
                 put(BackendError(f"{self.name}: {exc}"))
                 return True
@@ -193,6 +211,7 @@ class LlamaBackend:
         cancelled: threading.Event,
         decoder: codecs.IncrementalDecoder,
         put: Callable[[Token], None],
+        avoid: frozenset[int] = frozenset(),
     ) -> bool:
         """Generate on from ``generated``. False: it stopped early to let another reply have
         the model, and goes on at its next turn. A reply's first ``QUANTUM_TOKENS`` are never
@@ -200,7 +219,16 @@ class LlamaBackend:
         reply's rest after ``QUANTUM_TOKENS`` more."""
         tokens = prompt + generated
         self._recall(tokens)
-        for count, token in enumerate(self._llm.generate(tokens, top_k=1, temp=0.0, reset=True)):
+        masked = list(avoid)
+
+        def mask(_: object, logits: np.ndarray) -> np.ndarray:
+            logits[masked] = -np.inf
+            return logits
+
+        steps = self._llm.generate(
+            tokens, top_k=1, temp=0.0, reset=True, logits_processor=[mask] if masked else None
+        )
+        for count, token in enumerate(steps):
             if cancelled.is_set() or token in self._end_tokens or len(generated) >= max_tokens:
                 return True
             generated.append(token)

@@ -2,7 +2,11 @@
 
 The prefix is spoken before the slow model has read the question, so it must be safe to
 commit: an acknowledgement and the start of an answer, never a fact that might have to be
-taken back. The prompt asks for that; the verifier checks it.
+taken back. The prompt asks for that; the verifier checks it. An apology is never safe: the
+slow model goes on from "I'm sorry," with "but I can't assist with that." (on valid_freq,
+35 of 56 apology drafts; those replies scored 2.0 against 4.5 for the slow model alone), and
+SmolLM2 opens a fifth of its drafts with one whatever the prompt says, so the drafter cannot
+write those words at all.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Sequence
 
-from llm.backend import Backend, Message, Token
+from llm.backend import Backend, LlamaBackend, Message, Token
 from llm.relay import Draft
 from voice.settings import LlmSettings
 
@@ -48,10 +52,18 @@ def natural_break(text: str, min_words: int, max_words: int) -> int | None:
     return None
 
 
+_APOLOGIES = ("sorry", "apologize", "apologise", "apologies")
+
+
 class LlamaDrafter:
     def __init__(self, backend: Backend, settings: LlmSettings) -> None:
         self._backend = backend
         self._settings = settings
+        # Masking needs the model's own logits; a drafter on a server may still apologise,
+        # and the verifier, trained on such drafts, rejects those.
+        self._apologies = (
+            backend.single_tokens(_APOLOGIES) if isinstance(backend, LlamaBackend) else frozenset()
+        )
 
     def messages(self, history: Sequence[Message], transcript: str) -> list[Message]:
         system, *turns = history
@@ -69,8 +81,12 @@ class LlamaDrafter:
 
     async def draft(self, history: Sequence[Message], transcript: str) -> Draft:
         text, tokens = "", []
-        stream = self._backend.stream(
-            self.messages(history, transcript), max_tokens=self._settings.draft_max_tokens
+        messages = self.messages(history, transcript)
+        limit = self._settings.draft_max_tokens
+        stream = (
+            self._backend.stream(messages, max_tokens=limit, avoid=self._apologies)
+            if isinstance(self._backend, LlamaBackend)
+            else self._backend.stream(messages, max_tokens=limit)
         )
         async for token in stream:
             tokens.append(token)

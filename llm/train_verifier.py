@@ -14,11 +14,12 @@ Data: Topical-Chat ``valid_freq`` only, split by conversation (80 % train, 20 % 
 4. a deliberately bad prefix: another conversation's draft, scored teacher-forced by the
    drafter in this context (label 0 without asking the judge).
 
-Labels are cached as JSON lines (re-running only trains); greedy decoding makes them
-deterministic. The threshold is the lowest that keeps precision >= ``--precision`` on the
-validation drafts: the share of spoken prefixes that are good. (The bad prefixes of step 4
-teach the model but are never spoken; counting them would set the bar by a mix the relay
-never sees.) Validation metrics are written beside the weights (``verifier.json``).
+Labels are cached as JSON lines (re-running labels only drafts that changed, then trains);
+greedy decoding makes them deterministic. The threshold is the lowest that keeps precision
+>= ``--precision`` on the validation drafts: the share of spoken prefixes that are good.
+(The bad prefixes of step 4 teach the model but are never spoken; counting them would set
+the bar by a mix the relay never sees.) Validation metrics are written beside the weights
+(``verifier.json``).
 """
 
 from __future__ import annotations
@@ -111,11 +112,10 @@ def token_rows(tokens: Sequence[Token]) -> list[list[float]]:
 
 
 async def label(settings: Settings, limit: int, labels_file: Path) -> None:
-    done = (
-        {json.loads(line)["key"] for line in labels_file.read_text().splitlines()}
-        if labels_file.exists()
-        else set()
-    )
+    done = {  # key -> the prefix it labels; a draft the drafter now writes differently is redone
+        (r := json.loads(line))["key"]: r["prefix"]
+        for line in (labels_file.read_text().splitlines() if labels_file.exists() else [])
+    }
     draft_backend = LlamaBackend("draft", resolve(settings.llm.draft_model, settings).path, 1, 2048)
     slow = LlamaBackend("slow", resolve(settings.llm.slow_model, settings).path, 2, 2048)
     drafter = LlamaDrafter(draft_backend, settings.llm)
@@ -130,7 +130,7 @@ async def label(settings: Settings, limit: int, labels_file: Path) -> None:
             draft = await drafter.draft(history, user)
             drafts[str(item["id"])] = draft
             key = f"{item['id']}/draft"
-            if key not in done and draft.text:
+            if done.get(key) != draft.text and draft.text:
                 messages = [*history, Message(role="user", content=user)]
                 rest = "".join([t.text async for t in slow.stream(messages, draft.text, 24)])
                 rating = await judge(slow, recent_words(history, user), draft.text)
@@ -144,7 +144,7 @@ async def label(settings: Settings, limit: int, labels_file: Path) -> None:
                 out.write(json.dumps(record | _common(item, draft.tokens)) + "\n")
             other = drafts.get(str(items[n - 1]["id"])) if n else None
             key = f"{item['id']}/mismatch"
-            if key not in done and other is not None and other.text:
+            if other is not None and other.text and done.get(key) != other.text:
                 forced = await draft_backend.score(drafter.messages(history, user), other.text)
                 record = {"key": key, "label": 0, "prefix": other.text}
                 out.write(json.dumps(record | _common(item, tuple(forced))) + "\n")
@@ -178,7 +178,9 @@ def features(embedder: TextEmbedder, records: list[dict]) -> np.ndarray:
 
 
 def train(settings: Settings, labels_file: Path, out: Path, precision: float) -> dict[str, float]:
-    records = [json.loads(line) for line in labels_file.read_text().splitlines()]
+    # A key labelled again (its draft changed) counts with its latest record only.
+    latest = {(r := json.loads(line))["key"]: r for line in labels_file.read_text().splitlines()}
+    records = list(latest.values())
     embedder = TextEmbedder(resolve("embedding", settings).path, settings.embedding.threads)
     x = features(embedder, records)
     y = np.array(  # drafts relabelled: the cache keeps the judge's rating and the continuation
@@ -203,7 +205,7 @@ def train(settings: Settings, labels_file: Path, out: Path, precision: float) ->
     threshold = 1.0
     for t in sorted(set(np.round(p_drafts, 4)), reverse=True):
         kept = p_drafts >= t
-        if y[drafts_val][kept].mean() >= precision:
+        if kept.any() and y[drafts_val][kept].mean() >= precision:
             threshold = float(t)
     verifier.threshold = threshold
     verifier.save(out)

@@ -175,3 +175,15 @@ def test_two_replies_take_turns_on_the_model_and_each_is_unchanged(backend):
     # The first reply's first words are not cut; past them, it gives way at once.
     assert in_first_words[2].index("second") >= QUANTUM_TOKENS
     assert later[2].index("second") <= QUANTUM_TOKENS + 2 + QUANTUM_TOKENS // 2
+
+
+@pytest.mark.integration
+def test_words_to_avoid_are_never_written(backend):
+    sad = [QUESTION[0], Message(role="user", content="My dog died yesterday.")]
+    avoid = backend.single_tokens(["sorry"])
+
+    async def reply(**kw):
+        return "".join([t.text async for t in backend.stream(sad, "", 16, **kw)]).lower()
+
+    assert "sorry" in asyncio.run(reply())  # what it says when free to
+    assert len(avoid) >= 2 and "sorry" not in asyncio.run(reply(avoid=avoid))
