@@ -35,6 +35,7 @@ from llm.verifier import WEIGHTS_FILE
 from turn.detector import TurnModels
 from voice.clock import RealClock
 from voice.corpora import topical_chat
+from voice.cpu import CpuGate
 from voice.events import (
     Event,
     ResponseTextDelta,
@@ -161,8 +162,10 @@ def _p(values: list[float], q: float) -> float:
 
 
 async def evaluate(settings: Settings, quick: bool) -> dict[str, object]:
-    models = LlmModels(settings)
-    turn_models = TurnModels(settings)
+    gate = CpuGate()  # as in a session: the draft goes before the slow model's reading
+    models = LlmModels(settings, gate)
+    turn_models = TurnModels(settings, gate)
+    await models.warm()
     cases = turns(QUICK_TURNS if quick else None)
     replies: dict[str, list[Reply]] = {mode: [] for mode in MODES}
     for n, (history, user) in enumerate(cases, 1):

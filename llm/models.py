@@ -5,8 +5,9 @@ embedding model."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
-from llm.backend import LlamaBackend
+from llm.backend import BackendError, LlamaBackend, Message
 from llm.drafter import LlamaDrafter
 from llm.http_backend import HttpBackend
 from llm.relay import Emit, Relay
@@ -17,12 +18,15 @@ from voice.embedding import TextEmbedder
 from voice.models import resolve
 from voice.settings import RelayMode, Settings
 
+log = logging.getLogger(__name__)
+
 
 class LlmModels:
     def __init__(self, settings: Settings, gate: CpuGate | None = None) -> None:
         """``gate``: the slow model's generation steps aside for urgent work (voice.cpu)."""
         s = settings.llm
         self.settings = settings
+        self._gate = gate
         self.draft = LlamaBackend(
             "draft",
             resolve(s.draft_model, settings).path,
@@ -51,7 +55,19 @@ class LlmModels:
         settings = self.settings.llm
         if mode is not None:
             settings = dataclasses.replace(settings, mode=mode)
-        return Relay(settings, self.drafter, self.verifier, self.slow, clock, emit)
+        return Relay(settings, self.drafter, self.verifier, self.slow, clock, emit, self._gate)
+
+    async def warm(self) -> None:
+        """Each model once (weights paged in, the system prompt in both LLMs' caches), so
+        that the first reply is not the slow one. A remote slow model that is down is only
+        logged: its replies will apologise."""
+        system = [Message(role="system", content=self.settings.llm.system_prompt)]
+        await self.drafter.prefill(system)
+        await self.verifier.read(system, "Hello there.")
+        try:
+            await self.slow.prefill(system)
+        except BackendError as exc:
+            log.warning("the slow model is not answering: %s", exc)
 
     @property
     def prompt_cache_bytes(self) -> int:

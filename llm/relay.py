@@ -17,6 +17,7 @@ goes on. A reply that failed before it said anything says ``llm.apology`` instea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
@@ -25,6 +26,7 @@ from typing import Protocol
 
 from llm.backend import BackendError, Message, Token
 from voice.clock import Clock, wait_for
+from voice.cpu import CpuGate
 from voice.events import (
     DraftReady,
     Event,
@@ -65,7 +67,11 @@ class Drafter(Protocol):
 
 
 class Verifier(Protocol):
-    def accept(self, history: Sequence[Message], draft: Draft) -> bool: ...
+    async def read(self, history: Sequence[Message], transcript: str) -> None:
+        """Take in the user's words ahead of a draft for them (the draft is then judged sooner)."""
+        ...
+
+    async def accept(self, history: Sequence[Message], draft: Draft) -> bool: ...
 
 
 class Continuer(Protocol):
@@ -140,7 +146,10 @@ class Relay:
         continuer: Continuer,
         clock: Clock,
         emit: Emit,
+        gate: CpuGate | None = None,
     ) -> None:
+        """``gate``: drafting and verifying count as urgent work, so the slow model's reading
+        steps aside for them (the draft is what the user hears first)."""
         self._settings = settings
         self._drafter = drafter
         self._verifier = verifier
@@ -148,7 +157,9 @@ class Relay:
         self._clock = clock
         self._emit = emit
         self.history: list[Message] = [Message(role="system", content=settings.system_prompt)]
+        self._gate = gate
         self._speculation: tuple[str, asyncio.Task[Draft | None]] | None = None
+        self._drafting: asyncio.Task[Draft | None] | None = None  # the latest draft begun
         self._reply: asyncio.Task[None] | None = None
         self._final: asyncio.Future[str] | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -166,7 +177,7 @@ class Relay:
         elif isinstance(event, TurnWords) and self._settings.mode != "fast":
             self._read_ahead(self._clip(event.transcript))
         elif isinstance(event, TurnMaybeEnded) and self._settings.mode == "relay":
-            self._speculate(self._clip(event.transcript))
+            self._speculate(self._clip(event.transcript), urgent=not event.speaking)
         elif isinstance(event, TurnResumed):
             self._drop_speculation()
         elif isinstance(event, TurnEnded):
@@ -190,15 +201,15 @@ class Relay:
         limit = self._settings.max_user_words
         return " ".join(words[-limit:]) if len(words) > limit else transcript
 
-    def _speculate(self, transcript: str) -> None:
+    def _speculate(self, transcript: str, urgent: bool) -> None:
         """Draft for ``transcript`` unless the draft in hand still fits it; then the models
         read the turn so far (the slow one after the draft, and the draft too), so that at
         the turn's end only the words that came since are new."""
         current = self._speculation
         if current is None or not self._still_fits(current[0], transcript):
             self._drop_speculation()
-            task = asyncio.create_task(self._verified_draft(transcript, speculative=True))
-            self._speculation = (transcript, task)
+            draft = self._start_draft(transcript, speculative=True, urgent=urgent)
+            self._speculation = (transcript, draft)
         self._read_ahead(transcript)
 
     def _still_fits(self, drafted_on: str, transcript: str) -> bool:
@@ -212,12 +223,30 @@ class Relay:
             and now[: len(before)] == before
         )
 
-    async def _verified_draft(self, transcript: str, speculative: bool = False) -> Draft | None:
+    def _start_draft(
+        self, transcript: str, speculative: bool, urgent: bool
+    ) -> asyncio.Task[Draft | None]:
+        self._drafting = asyncio.create_task(self._verified_draft(transcript, speculative, urgent))
+        return self._drafting
+
+    async def _verified_draft(
+        self, transcript: str, speculative: bool, urgent: bool
+    ) -> Draft | None:
         """A draft the verifier accepts, or None. An accepted speculative draft is announced
-        (``DraftReady``) so the voice can synthesise it before the turn is confirmed."""
-        draft = await self._drafter.draft(list(self.history), transcript)
-        if not draft.text.strip() or not self._verifier.accept(self.history, draft):
-            return None
+        (``DraftReady``) so the voice can synthesise it before the turn is confirmed. The
+        verifier reads the user's words while the drafter writes. An ``urgent`` draft (the
+        user has paused: it is what they hear next) makes the slow model step aside."""
+        history = list(self.history)
+        gate = self._gate if urgent else None
+        with gate.urgent() if gate is not None else contextlib.nullcontext():
+            reading = asyncio.create_task(self._verifier.read(history, transcript))
+            try:
+                draft = await self._drafter.draft(history, transcript)
+                await reading
+            finally:
+                reading.cancel()
+            if not draft.text.strip() or not await self._verifier.accept(history, draft):
+                return None
         if speculative:
             self._emit(DraftReady(t=self._clock.now(), transcript=transcript, text=draft.text))
         return draft
@@ -262,9 +291,8 @@ class Relay:
                 if self._settings.mode == "relay" and prompt != self._drafter_read:
                     self._drafter_read = prompt  # small and quick: a draft then starts sooner
                     await self._drafter.prefill(list(self.history), transcript)
-                speculation = self._speculation
-                if speculation is not None:  # the draft's words are heard first: it goes first
-                    await asyncio.gather(speculation[1], return_exceptions=True)
+                if self._drafting is not None:  # the draft's words are heard first: it goes first
+                    await asyncio.gather(self._drafting, return_exceptions=True)
                 opening = self._opening(transcript)
                 if (prompt, opening) != self._slow_read:
                     self._slow_read = (prompt, opening)
@@ -375,7 +403,7 @@ class Relay:
                 return await speculation[1]
             if speculation is not None:
                 speculation[1].cancel()
-            return await self._verified_draft(transcript)
+            return await self._start_draft(transcript, speculative=False, urgent=True)
         except BackendError as exc:
             self._error(f"draft failed, slow path answers alone: {exc}")
             return None

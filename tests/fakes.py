@@ -85,7 +85,10 @@ class Verdict:
     def __init__(self, accept: bool) -> None:
         self.value = accept
 
-    def accept(self, history: Sequence[Message], draft: Draft) -> bool:
+    async def read(self, history: Sequence[Message], transcript: str) -> None:
+        pass
+
+    async def accept(self, history: Sequence[Message], draft: Draft) -> bool:
         return self.value
 
 

@@ -191,7 +191,10 @@ def test_the_relay_answers_through_the_server(request, mode):
     events: list = []
 
     class AcceptEveryDraft:
-        def accept(self, history, draft) -> bool:
+        async def read(self, history, transcript) -> None:
+            pass
+
+        async def accept(self, history, draft) -> bool:
             return True
 
     async def main():

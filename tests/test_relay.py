@@ -10,6 +10,7 @@ from fakes import ScriptedModel, Verdict
 from llm.backend import Message
 from llm.relay import Draft, Relay, repeats_itself, seam_undecided, strip_seam
 from voice.clock import VirtualClock, settle
+from voice.cpu import CpuGate
 from voice.events import (
     DraftReady,
     Event,
@@ -28,7 +29,12 @@ from voice.settings import LlmSettings
 
 class Harness:
     def __init__(
-        self, mode: str = "relay", accept: bool = True, slow: list[str] | None = None, **kw
+        self,
+        mode: str = "relay",
+        accept: bool = True,
+        slow: list[str] | None = None,
+        gate: CpuGate | None = None,
+        **kw,
     ):
         self.clock = VirtualClock()
         self.events: list[tuple[float, Event]] = []
@@ -43,6 +49,7 @@ class Harness:
             self.slow,
             self.clock,
             lambda e: self.events.append((round(self.clock.now(), 3), e)),
+            gate,
         )
 
     async def send(self, event: Event) -> None:
@@ -194,7 +201,7 @@ async def test_a_stalled_backend_times_out():
 
 
 class Exploding(Verdict):
-    def accept(self, history, draft):
+    async def accept(self, history, draft):
         raise RuntimeError("verifier weights corrupt")
 
 
@@ -317,6 +324,28 @@ async def test_the_models_read_the_turn_while_the_user_speaks_newest_words_only(
     await fast.send(TurnWords(t=0, transcript="Do you"))
     await fast.relay.idle()
     assert fast.slow.prefills == 0  # the slow model has no part in this reply
+
+
+async def test_the_draft_is_urgent_and_read_before_the_slow_model_even_after_the_turn_ends():
+    """The turn ends while the drafter still reads: the draft, now the reply's prefix, still
+    goes before the slow model's reading, and the slow model steps aside (the gate) while it is
+    written: both need the cores, and the draft is heard first."""
+    gate = CpuGate()
+    h = Harness(gate=gate)
+    h.fast.prefill_s = 0.05
+    await h.send(TurnMaybeEnded(t=0, transcript="Do you like tennis", p_complete=0.9))
+    await h.send(TurnEnded(t=0, transcript="Do you like tennis", reason="test"))
+    await h.clock.advance(0.08)
+    assert gate.busy and h.slow.prefills == 0
+    await h.clock.advance(0.05)  # the draft is done
+    assert not gate.busy and h.slow.prefills == 1
+    await h.send(TurnTranscript(t=0.13, transcript="Do you like tennis"))
+    await h.run()
+    assert h.done().text == "Yes, I love football because it is fun."
+    # While the user still speaks, a draft is no more urgent than the slow model's reading.
+    await h.send(TurnMaybeEnded(t=6, transcript="And golf", p_complete=0.9, speaking=True))
+    await h.clock.advance(0.01)
+    assert h.fast.drafts[-1] == "And golf" and not gate.busy
 
 
 async def test_a_failing_read_ahead_costs_only_speed():

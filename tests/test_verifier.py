@@ -15,7 +15,11 @@ from llm.verifier import Verifier, VerifierError, VerifierModel, signal_features
 class Embedder:
     """Two fixed unit directions: the prefix either repeats the user's words or does not."""
 
+    def __init__(self) -> None:
+        self.embedded: list[str] = []
+
     def embed(self, texts: list[str]) -> np.ndarray:
+        self.embedded += texts
         return np.stack([np.eye(3, dtype=np.float32)[0 if "football" in t else 1] for t in texts])
 
 
@@ -30,7 +34,7 @@ def test_signal_features_summarise_the_drafters_confidence():
     assert signal_features((), "")[0] == -10.0  # no tokens: as unsure as it gets
 
 
-def test_accepts_above_the_threshold_only(tmp_path: Path):
+async def test_accepts_above_the_threshold_only(tmp_path: Path):
     # Weight only the cosine of user words and prefix (feature 6 of 6 + 1 + 3).
     weights = np.zeros(10, np.float32)
     weights[6] = 4.0
@@ -40,7 +44,20 @@ def test_accepts_above_the_threshold_only(tmp_path: Path):
     history = [Message(role="system", content="be brief")]
     on_topic, off_topic = draft("I love football"), draft("The weather is nice")
     assert verifier.score(history, on_topic) == pytest.approx(1 / (1 + np.exp(-2.0)))
-    assert verifier.accept(history, on_topic) and not verifier.accept(history, off_topic)
+    assert await verifier.accept(history, on_topic)
+    assert not await verifier.accept(history, off_topic)
+
+
+async def test_the_users_words_are_embedded_once_ahead_of_the_draft():
+    embedder = Embedder()
+    model = VerifierModel(np.zeros(10, np.float32), 0.0, np.zeros(10), np.ones(10), 0.5)
+    verifier = Verifier(model, embedder)  # type: ignore[arg-type]
+    history = [Message(role="system", content="be brief")]
+    await verifier.read(history, "Do you like football?")
+    assert embedder.embedded == ["Do you like football?"]
+    await verifier.accept(history, draft("I love football"))
+    await verifier.accept(history, draft("The weather is nice"))
+    assert embedder.embedded[1:] == ["I love football", "The weather is nice"]
 
 
 def test_missing_or_broken_weights_name_the_script(tmp_path: Path):

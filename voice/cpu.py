@@ -38,6 +38,12 @@ class CpuGate:
                 if not self._urgent:
                     self._idle.notify_all()
 
+    @property
+    def busy(self) -> bool:
+        """Whether urgent work is running."""
+        with self._idle:
+            return self._urgent > 0
+
     def wrap(self, job: Callable[P, R]) -> Callable[P, R]:
         """``job`` run as urgent work."""
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable
 
 import numpy as np
 
 from asr.stage import AsrModels, AsrStage
-from llm.backend import BackendError, Message
 from llm.models import LlmModels
 from llm.relay import Relay
 from tts.stage import TtsModels, TtsStage
@@ -18,8 +16,6 @@ from voice.clock import Clock
 from voice.cpu import CpuGate
 from voice.session import Observer, Session, TurnRecord
 from voice.settings import RelayMode, Settings
-
-log = logging.getLogger(__name__)
 
 
 class Engine:
@@ -59,12 +55,7 @@ class Engine:
     async def warm(self) -> None:
         """Run each model once (weights paged in, the system prompt in both LLMs' caches),
         so that the first reply of the first conversation is not the slow one."""
-        system = [Message(role="system", content=self.settings.llm.system_prompt)]
-        await self.llm_models.drafter.prefill(system)
-        try:
-            await self.llm_models.slow.prefill(system)
-        except BackendError as exc:  # a remote model that is down: its replies will apologise
-            log.warning("the slow model is not answering: %s", exc)
+        await self.llm_models.warm()
         silence = np.zeros(16000, np.float32)
         await asyncio.to_thread(self.turn_models.audio.p_complete, silence)
         await asyncio.to_thread(self.tts_models.voice.synthesize, "Hello.")
