@@ -55,9 +55,10 @@ class LocalAgreement:
         self.committed.extend(words)
         self._previous = self._previous[len(words) :]
 
-    def finish(self, hypothesis: list[Word]) -> None:
-        """The final hypothesis for the rest of the audio: commit all of it."""
-        self.committed.extend(hypothesis)
+    def finish(self, hypothesis: list[Word], whole: bool = False) -> None:
+        """The final hypothesis for the rest of the audio (``whole``: for all of it, replacing
+        what was committed): commit all of it."""
+        self.committed = [*([] if whole else self.committed), *hypothesis]
         self._previous = []
 
 

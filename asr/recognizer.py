@@ -14,7 +14,7 @@ Speech that resumes shortly after a pause is decoded together with the audio bef
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -42,6 +42,7 @@ class PendingFinal:
 
     request: DecodeRequest
     agreement: LocalAgreement
+    whole: bool  # the request decodes the whole segment again: its words replace the committed
 
 
 class StreamingRecognizer:
@@ -125,8 +126,22 @@ class StreamingRecognizer:
         return self._request()
 
     def final_request(self, end_time: float) -> DecodeRequest:
-        """Everything not yet committed, up to where speech ended (plus a small margin)."""
-        return self._request(round((end_time + _TRIM_MARGIN_S) * SAMPLE_RATE))
+        """Everything not yet committed, up to where speech ended (plus a small margin). A
+        segment no longer than ``final_redecode_s`` whose audio is all in the window is decoded
+        whole instead, nothing forced: the final may correct words that partials committed
+        from too little audio ("how do i am" for "oh i'm")."""
+        request = self._request(round((end_time + _TRIM_MARGIN_S) * SAMPLE_RATE))
+        committed = tuple(self._agreement.committed)
+        short = request.end - request.offset <= self._settings.final_redecode_s
+        if committed and request.prefix == committed and short:
+            return replace(request, prefix=())
+        return request
+
+    def _decodes_whole(self, request: DecodeRequest) -> bool:
+        """Whether ``request`` (a final one) decodes the segment whole: words are committed
+        inside its window, yet none is forced."""
+        committed = self._agreement.committed
+        return bool(committed) and not request.prefix and committed[0].end > request.offset
 
     def apply_partial(self, segment: int, hypothesis: Hypothesis) -> PartialResult | None:
         """Apply a partial decode, unless its segment has ended meanwhile."""
@@ -139,7 +154,8 @@ class StreamingRecognizer:
     def close(self, end_time: float, request: DecodeRequest | None = None) -> PendingFinal:
         """Speech ended: detach the segment (with ``request`` if one was already decoded
         speculatively for this end) so that new speech can start while it is finalised."""
-        pending = PendingFinal(request or self.final_request(end_time), self._agreement)
+        request = request or self.final_request(end_time)
+        pending = PendingFinal(request, self._agreement, self._decodes_whole(request))
         self._active = False
         self._pending += 1
         self._last_end = round(end_time * SAMPLE_RATE)
@@ -147,7 +163,7 @@ class StreamingRecognizer:
 
     def complete(self, pending: PendingFinal, hypothesis: Hypothesis) -> list[Word]:
         """Commit the final hypothesis of a closed segment; return all of its words."""
-        pending.agreement.finish(hypothesis.words)
+        pending.agreement.finish(hypothesis.words, pending.whole)
         words = list(pending.agreement.committed)
         self._history = (self._history + words)[-max(self._settings.context_words, 200) :]
         self._pending -= 1

@@ -139,6 +139,31 @@ def test_close_detaches_and_stale_partials_are_ignored():
     assert texts(r.complete(pending, Hypothesis(words("hello there")))) == ["hello", "there"]
 
 
+def test_a_short_segment_is_decoded_whole_for_its_final_and_may_correct_early_words():
+    r = StreamingRecognizer(settings())
+    r.start_segment(0.0)
+    feed(r, 0.5)
+    r.apply_partial(r.segment, Hypothesis(words("how do i")))
+    feed(r, 0.25)
+    r.apply_partial(r.segment, Hypothesis(words("how do i am")))  # "how do i" committed
+    request = r.final_request(0.75)
+    assert request.prefix == ()  # nothing forced: the final hears it all again
+    words_out = r.complete(r.close(0.75, request), Hypothesis(words("oh i'm from chicago")))
+    assert texts(words_out) == ["oh", "i'm", "from", "chicago"]
+    # Longer than final_redecode_s: only the words not yet committed are decoded.
+    tail_only = StreamingRecognizer(settings(final_redecode_s=0.5))
+    tail_only.start_segment(0.0)
+    feed(tail_only, 0.5)
+    tail_only.apply_partial(tail_only.segment, Hypothesis(words("how do i")))
+    feed(tail_only, 0.25)
+    tail_only.apply_partial(tail_only.segment, Hypothesis(words("how do i am")))
+    request = tail_only.final_request(0.75)
+    assert texts(request.prefix) == ["how", "do", "i"]
+    pending = tail_only.close(0.75, request)
+    final = tail_only.complete(pending, Hypothesis(words("am", start=0.9)))
+    assert texts(final) == ["how", "do", "i", "am"]
+
+
 def test_speech_after_a_short_pause_is_decoded_with_the_audio_before_it():
     r = StreamingRecognizer(settings())
     r.start_segment(0.0)

@@ -76,6 +76,9 @@ class AsrSettings:
     language: str = "en"
     partial_interval_ms: int = 250  # new audio between two partial transcripts
     max_window_s: float = 6.0  # longest audio one decode sees; older committed audio is dropped
+    # A segment up to this long is decoded whole again for its final transcript, so words that
+    # partials committed early can still be corrected; 0: only the words not yet committed.
+    final_redecode_s: float = 6.0
     context_words: int = 40  # earlier transcript words given to the decoder as its prompt
     pre_roll_ms: int = 320  # audio before the VAD's speech start that a decode still sees
     rejoin_ms: int = 1500  # speech resuming within this pause is decoded with the audio before it
