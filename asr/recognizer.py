@@ -162,8 +162,9 @@ class StreamingRecognizer:
         return pending
 
     def complete(self, pending: PendingFinal, hypothesis: Hypothesis) -> list[Word]:
-        """Commit the final hypothesis of a closed segment; return all of its words."""
-        pending.agreement.finish(hypothesis.words, pending.whole)
+        """Commit the final hypothesis of a closed segment; return all of its words. A whole
+        decode that came back empty (failed, or rejected as noise) keeps the committed words."""
+        pending.agreement.finish(hypothesis.words, pending.whole and bool(hypothesis.words))
         words = list(pending.agreement.committed)
         self._history = (self._history + words)[-max(self._settings.context_words, 200) :]
         self._pending -= 1

@@ -150,6 +150,15 @@ def test_a_short_segment_is_decoded_whole_for_its_final_and_may_correct_early_wo
     assert request.prefix == ()  # nothing forced: the final hears it all again
     words_out = r.complete(r.close(0.75, request), Hypothesis(words("oh i'm from chicago")))
     assert texts(words_out) == ["oh", "i'm", "from", "chicago"]
+    # A whole decode that fails or is rejected as noise loses nothing already committed.
+    kept = StreamingRecognizer(settings())
+    kept.start_segment(0.0)
+    feed(kept, 0.5)
+    kept.apply_partial(kept.segment, Hypothesis(words("how do i")))
+    feed(kept, 0.25)
+    kept.apply_partial(kept.segment, Hypothesis(words("how do i am")))
+    rejected = Hypothesis([], no_speech_prob=0.9, rejected="no speech")
+    assert texts(kept.complete(kept.close(0.75), rejected)) == ["how", "do", "i"]
     # Longer than final_redecode_s: only the words not yet committed are decoded.
     tail_only = StreamingRecognizer(settings(final_redecode_s=0.5))
     tail_only.start_segment(0.0)
