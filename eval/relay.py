@@ -141,15 +141,9 @@ async def judge(models: LlmModels, history: list[Message], user: str, reply: str
     lines = [f"{m.role.title()}: {m.content}" for m in history] + [f"User: {user}"]
     context = " ".join("\n".join(lines).split(" ")[-CONTEXT_WORDS:])
     prompt = JUDGE_PROMPT.read_text().format(context=context, reply=reply)
-    answer = ""
-    stream = models.slow.stream([Message(role="user", content=prompt)], "", 32)
-    try:
-        async for token in stream:
-            answer += token.text
-            if len(_VERDICT.findall(answer.lower())) == len(RUBRIC):
-                break  # all four points are said: what follows would not count
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
+    answer = "".join(
+        [t.text async for t in models.slow.stream([Message(role="user", content=prompt)], "", 32)]
+    )
     return rubric_score(answer)
 
 
