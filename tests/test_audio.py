@@ -95,6 +95,28 @@ def test_stream_resampler_matches_one_shot_with_odd_chunks():
     assert np.max(np.abs(streamed[1000 : n - 1000] - whole[1000 : n - 1000])) < 1e-3
 
 
+@pytest.mark.parametrize("rate", [8000, 22050, 24000, 44100, 48000])
+def test_stream_resampler_holds_back_only_its_lookahead(rate):
+    # Every VAD window waits for the resampler: soxr's stream held back 63 ms of 8 kHz on average.
+    stream = StreamResampler(rate, 16000)
+    step, fed, out, held = rate // 50, 0, 0, []
+    x = sine(440, rate, 1.0)
+    for i in range(0, len(x), step):
+        out += len(stream.process(x[i : i + step]))
+        fed += len(x[i : i + step])
+        held.append(fed / rate - out / 16000)
+    block = rate // np.gcd(rate, 16000) / rate  # input is taken in whole blocks (10 ms at 44.1 kHz)
+    assert max(held) <= StreamResampler.LOOKAHEAD_S + block + 1e-3
+    assert out + len(stream.flush()) == len(resample(x, rate, 16000))
+
+
+def test_stream_resampler_refuses_audio_after_its_end():
+    stream = StreamResampler(8000, 16000)
+    stream.process(sine(100, 8000, 0.1), last=True)
+    with pytest.raises(ValueError, match="flushed"):
+        stream.process(sine(100, 8000, 0.02))
+
+
 def test_stream_resampler_same_rate_passes_through():
     x = sine(100, 16000, 0.1)
     assert np.array_equal(StreamResampler(16000, 16000).process(x), x)

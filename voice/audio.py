@@ -6,6 +6,7 @@ anything malformed is rejected here with a message that says what was wrong.
 
 from __future__ import annotations
 
+import math
 import wave
 from pathlib import Path
 
@@ -77,30 +78,70 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
 
 
 class StreamResampler:
-    """Resamples a stream chunk by chunk with no seams (soxr keeps the filter state).
+    """Resamples a stream chunk by chunk, with a few milliseconds of delay and no seams.
 
-    Medium quality on purpose: a live stream waits for the filter's look-ahead, and soxr's
-    "HQ" holds back 66 ms of 8 kHz telephone audio against 26 ms for "MQ" (measured), which
-    is still far above what speech recognition can hear.
+    soxr's own streaming resampler hands its output on in blocks: at 8 kHz it held back a mean
+    63 ms (115 ms at worst) of 20 ms chunks, at 24 and 48 kHz 21 ms (measured, "MQ" and "HQ"
+    alike), and every VAD and turn decision waited for it. Here each chunk is resampled with
+    soxr's one-shot call over the recent input (``CONTEXT_S`` of history in front) and only
+    the output up to ``LOOKAHEAD_S`` before the newest input is handed on: beyond the filter's
+    reach of both window edges, the result is what resampling the whole stream at once gives
+    (within 5e-4 at 8 kHz, 2e-7 at 24 and 48 kHz, measured), about 60 µs per 20 ms chunk.
+    Input is consumed in whole blocks of ``from_rate / gcd`` samples, so that every window
+    starts on an output sample (one sample at 8 kHz; 441, i.e. 10-20 ms, at 22.05 / 44.1 kHz).
     """
+
+    CONTEXT_S = 0.04
+    LOOKAHEAD_S = 0.008
 
     def __init__(self, from_rate: int, to_rate: int) -> None:
         self.from_rate = check_rate(from_rate)
         self.to_rate = check_rate(to_rate)
-        self._stream = (
-            None
-            if from_rate == to_rate
-            else soxr.ResampleStream(from_rate, to_rate, 1, dtype="float32", quality="MQ")
-        )
+        common = math.gcd(self.from_rate, self.to_rate)
+        self._block_in, self._block_out = self.from_rate // common, self.to_rate // common
+        self._context = self._whole_blocks(self.CONTEXT_S * self.from_rate, up=True)
+        self._lookahead = self._whole_blocks(self.LOOKAHEAD_S * self.from_rate, up=True)
+        self._buffer = np.zeros(0, dtype=np.float32)
+        self._buffer_start = 0  # stream position (input samples) of the buffer's first sample
+        self._done = 0  # input position up to which output was handed on (whole blocks)
+        self._finished = False
+
+    def _whole_blocks(self, samples: float, up: bool = False) -> int:
+        blocks = math.ceil(samples / self._block_in) if up else int(samples // self._block_in)
+        return blocks * self._block_in
+
+    def _out(self, position: int) -> int:
+        """Index in the buffer's one-shot output of the input stream ``position``."""
+        return (position - self._buffer_start) // self._block_in * self._block_out
 
     def process(self, samples: np.ndarray, last: bool = False) -> np.ndarray:
         samples = validate_samples(samples)
-        if self._stream is None:
+        if self.from_rate == self.to_rate:
             return samples
-        return self._stream.resample_chunk(samples, last=last)
+        if self._finished:
+            raise ValueError("the stream was flushed: resample a new one with a new resampler")
+        self._buffer = np.concatenate([self._buffer, samples])
+        end = self._buffer_start + len(self._buffer)
+        ready = (
+            end
+            if last
+            else self._buffer_start + self._whole_blocks(len(self._buffer) - self._lookahead)
+        )
+        if ready <= self._done:
+            return np.zeros(0, dtype=np.float32)
+        whole = soxr.resample(self._buffer, self.from_rate, self.to_rate, quality="MQ")
+        out = (
+            whole[self._out(self._done) :]
+            if last
+            else whole[self._out(self._done) : self._out(ready)]
+        )
+        self._done, self._finished = ready, last
+        drop = self._whole_blocks(max(0, self._done - self._context - self._buffer_start))
+        self._buffer, self._buffer_start = self._buffer[drop:], self._buffer_start + drop
+        return out.astype(np.float32, copy=False)
 
     def flush(self) -> np.ndarray:
-        """The samples still held in the filter, at the end of the stream."""
+        """The rest of the stream, at its end."""
         return self.process(np.zeros(0, dtype=np.float32), last=True)
 
 
