@@ -124,12 +124,17 @@ class WhisperDecoder:
         text = tok.decode(new_tokens).strip()
         if no_speech > s.no_speech_threshold and avg_logprob < s.logprob_threshold:
             return Hypothesis([], no_speech, avg_logprob, rejected="no speech")
-        if text and len(text) > 20 and _compression_ratio(text) > _MAX_COMPRESSION_RATIO:
-            return Hypothesis([], no_speech, avg_logprob, rejected="repetition loop")
+        if not text:
+            return Hypothesis([], no_speech, avg_logprob)
         words = self._align(prefix_tokens + new_tokens, encoded, features.shape[-1], request.offset)
         new_words = words[len(request.prefix) :] if len(words) >= len(request.prefix) else words
         # Words placed in the silence pad were not spoken: Whisper starting over at the end.
+        # Cut them before the loop test, or a sentence said once and restarted in the pad
+        # would be thrown away whole.
         spoken = [w for w in new_words if w.start < request.end - _PAD_TOLERANCE_S]
+        said = "".join(w.text for w in spoken).strip()
+        if len(said) > 20 and _compression_ratio(said) > _MAX_COMPRESSION_RATIO:
+            return Hypothesis([], no_speech, avg_logprob, rejected="repetition loop")
         return Hypothesis(drop_repeats(trim_echo(request.prefix, spoken)), no_speech, avg_logprob)
 
     def _align(self, tokens: list[int], encoded: object, frames: int, offset: float) -> list[Word]:

@@ -7,7 +7,9 @@ import jiwer
 import numpy as np
 import pytest
 
+from asr.recognizer import join_words
 from asr.stage import AsrModels
+from asr.whisper import DecodeRequest
 from eval.asr import replay
 from eval.datasets import Utterance, librivox
 from eval.text import normalize
@@ -56,3 +58,13 @@ def test_ten_seconds_of_silence_or_noise_give_no_text(models, kind):
     )
     result = asyncio.run(replay(models, Utterance(kind, audio, 16000, "", "test"), paced=False))
     assert result.transcript == ""
+
+
+def test_a_sentence_whisper_starts_over_in_the_silence_pad_keeps_its_words(models):
+    """Whisper tiny.en, given this sentence cut 40 ms after its end, reads it and then starts
+    it again in the silence pad; the restart is dropped, not the sentence with it."""
+    sentence = next(u for u in librivox() if u.id.endswith("0920"))
+    audio = np.concatenate([np.zeros(3200, np.float32), sentence.audio])
+    request = DecodeRequest(audio[round(0.224 * 16000) : round(6.016 * 16000)].copy(), 0.224)
+    said = join_words(models.decoder.decode(request).words)
+    assert normalize(said).endswith("more respectable than he was"), said
