@@ -161,6 +161,13 @@ class StreamingRecognizer:
         self._last_end = round(end_time * SAMPLE_RATE)
         return pending
 
+    def tail_final(self, pending: PendingFinal) -> PendingFinal:
+        """For a whole decode that came back empty (failed, or rejected as a loop): decode
+        only what follows the committed words, forced as the prefix, so the words spoken
+        after them are not lost."""
+        request = replace(pending.request, prefix=tuple(pending.agreement.committed))
+        return replace(pending, request=request, whole=False)
+
     def complete(self, pending: PendingFinal, hypothesis: Hypothesis) -> list[Word]:
         """Commit the final hypothesis of a closed segment; return all of its words. A whole
         decode that came back empty (failed, or rejected as noise) keeps the committed words."""

@@ -2,8 +2,9 @@
 
 VAD runs inline (a fraction of a millisecond per 32 ms window). Decodes run one at a time on
 a single worker thread so the event loop never blocks and the recogniser never takes more
-than its thread budget. The first silent window inside speech starts the final decode
-speculatively, so that when the VAD's hangover confirms the end the transcript is (nearly)
+than its thread budget. The first quiet window inside speech (its energy fallen far below the
+segment's loudest, which Silero only hears ~100 ms later) or the first silent one starts the
+final decode speculatively, so that when the VAD confirms the end the transcript is (nearly)
 ready; if the user goes on, that result is simply dropped.
 """
 
@@ -34,6 +35,10 @@ from voice.settings import Settings, VadSettings
 Decode = Callable[[DecodeRequest], Hypothesis]
 Emit = Callable[[Event], None]
 
+# Silero hears speech for up to ~200 ms after the audio goes quiet (P97 on Asterisk prompts);
+# when it hears it longer than this, the quiet audio held soft speech.
+_QUIET_TRUST_S = 0.25
+
 
 class AsrStage:
     def __init__(
@@ -56,7 +61,8 @@ class AsrStage:
         self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
         self._busy: asyncio.Future[Hypothesis] | None = None  # the one decode in flight
         self._pause_at: float | None = None
-        self._speculation: tuple[float, DecodeRequest, asyncio.Future[Hypothesis]] | None = None
+        self._pause_quiet = False  # the pause was guessed from a quiet window, not from Silero
+        self._speculation: tuple[DecodeRequest, asyncio.Future[Hypothesis]] | None = None
         self._finals: set[asyncio.Task[None]] = set()
         self._partials: set[asyncio.Task[None]] = set()
         self.decode_ms = 0.0  # total decoder compute, for real-time factor reports
@@ -82,10 +88,12 @@ class AsrStage:
         if window.started:
             self._recognizer.start_segment(window.speech_time)
             self._emit(SpeechStarted(t=self._clock.now(), audio_time=window.speech_time))
-        if window.probability >= self._threshold:
-            self._pause_at, self._speculation = None, None  # still speaking: drop any guess
-        if window.paused:
-            self._pause_at = window.start
+        # Still speaking: drop any guess. A guess made on a quiet window, which Silero still
+        # heard as speech, goes with any sound at all: quiet words may follow.
+        if not window.quiet and (window.probability >= self._threshold or self._pause_quiet):
+            self._pause_at, self._speculation = None, None
+        if (window.paused or window.quiet) and self._pause_at is None:
+            self._pause_at, self._pause_quiet = window.start, not window.paused
         if window.ended:
             self._emit(SpeechEnded(t=self._clock.now(), audio_time=window.speech_time))
             self._finish(window.speech_time)
@@ -120,7 +128,7 @@ class AsrStage:
         if self._pause_at is not None:
             if self._speculation is None:
                 request = self._recognizer.final_request(self._pause_at)
-                self._speculation = (self._pause_at, request, self._run(request))
+                self._speculation = (request, self._run(request))
             return
         request = self._recognizer.partial_request()
         if request is not None:
@@ -153,11 +161,13 @@ class AsrStage:
             )
 
     def _finish(self, end_time: float) -> None:
-        speculation = self._speculation
+        speculation, guessed_at = self._speculation, self._pause_at
+        if self._pause_quiet and guessed_at is not None and end_time - guessed_at > _QUIET_TRUST_S:
+            speculation = None  # Silero went on hearing speech that quiet: decode it too
         self._pause_at, self._speculation = None, None
-        if speculation is not None and speculation[0] == end_time:
-            pending = self._recognizer.close(end_time, speculation[1])
-            future = speculation[2]
+        if speculation is not None:  # nothing but quiet or silence came after its audio
+            pending = self._recognizer.close(end_time, speculation[0])
+            future = speculation[1]
         else:
             pending = self._recognizer.close(end_time)
             future = self._run(pending.request)
@@ -166,13 +176,10 @@ class AsrStage:
         task.add_done_callback(self._finals.discard)
 
     async def _final(self, pending: PendingFinal, future: asyncio.Future[Hypothesis]) -> None:
-        try:
-            hypothesis = await future
-        except Exception as exc:  # keep the words already committed rather than lose the turn
-            self._emit(
-                StageError(t=self._clock.now(), stage="asr", message=f"final decode failed: {exc}")
-            )
-            hypothesis = Hypothesis([])
+        hypothesis = await self._final_hypothesis(future)
+        if pending.whole and not hypothesis.words:
+            pending = self._recognizer.tail_final(pending)
+            hypothesis = await self._final_hypothesis(self._run(pending.request))
         words = self._recognizer.complete(pending, hypothesis)
         self._emit(
             TranscriptFinal(
@@ -182,6 +189,15 @@ class AsrStage:
                 compute_ms=hypothesis.compute_ms,
             )
         )
+
+    async def _final_hypothesis(self, future: asyncio.Future[Hypothesis]) -> Hypothesis:
+        try:
+            return await future
+        except Exception as exc:  # keep the words already committed rather than lose the turn
+            self._emit(
+                StageError(t=self._clock.now(), stage="asr", message=f"final decode failed: {exc}")
+            )
+            return Hypothesis([])
 
     async def flush(self) -> None:
         """End of input: close an open segment and wait until every transcript is out."""

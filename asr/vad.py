@@ -23,6 +23,11 @@ WINDOW_SECONDS = WINDOW / SAMPLE_RATE
 _CONTEXT = 64  # the model expects the previous window's last 64 samples in front
 _WEBRTC_SAMPLES = 480  # WebRTC takes 10, 20 or 30 ms frames: the first 30 ms of each window
 _GATE_BELOW = 0.1  # Silero's last P(speech) must be under this for WebRTC to skip a window
+_QUIET_TAIL = WINDOW // 2  # the window's newest samples that must be quiet for ``quiet``
+
+
+def _rms(samples: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(samples**2)))
 
 
 class SileroVad:
@@ -66,6 +71,7 @@ class VadWindow:
     started: bool = False  # speech-started fires with this window
     ended: bool = False  # speech-ended fires with this window
     paused: bool = False  # first silent window inside speech: the end may be near
+    quiet: bool = False  # inside speech, its energy fell far below the segment's loudest
     speech_time: float = 0.0  # with started: where speech began; with ended: where it stopped
 
 
@@ -92,6 +98,7 @@ class VoiceActivityDetector:
         self.speaking = False
         self._speech_run = 0
         self._silence_run = 0
+        self._loudest = 0.0  # RMS of the loudest window of the current speech segment
 
     @property
     def stream_time(self) -> float:
@@ -109,6 +116,13 @@ class VoiceActivityDetector:
             return False
         return not self._gate.is_speech(float32_to_pcm16(window[:_WEBRTC_SAMPLES]), SAMPLE_RATE)
 
+    def _quiet(self, window: np.ndarray) -> bool:
+        """Inside speech: whether the window ends far quieter than the segment's loudest,
+        which Silero only notices ~100 ms later."""
+        ratio = self._settings.quiet_ratio
+        self._loudest = max(self._loudest, _rms(window))
+        return ratio > 0 and _rms(window[-_QUIET_TAIL:]) < ratio * self._loudest
+
     def _window(self, window: np.ndarray) -> VadWindow:
         start = self.stream_time
         self._windows += 1
@@ -122,13 +136,14 @@ class VoiceActivityDetector:
         if not self.speaking:
             self._speech_run = self._speech_run + 1 if probability >= s.threshold else 0
             if self._speech_run >= self._start_windows:
-                self.speaking, self._silence_run = True, 0
+                self.speaking, self._silence_run, self._loudest = True, 0, _rms(window)
                 began = start - (self._start_windows - 1) * WINDOW_SECONDS
                 return VadWindow(window, start, probability, True, started=True, speech_time=began)
             return VadWindow(window, start, probability, False)
+        quiet = self._quiet(window)
         if probability >= s.threshold:
             self._silence_run = 0
-            return VadWindow(window, start, probability, True)
+            return VadWindow(window, start, probability, True, quiet=quiet)
         if probability < s.release_threshold or self._silence_run:
             self._silence_run += 1
         paused = self._silence_run == 1
@@ -136,6 +151,13 @@ class VoiceActivityDetector:
             self.speaking, self._speech_run = False, 0
             stopped = start - (self._end_windows - 1) * WINDOW_SECONDS
             return VadWindow(
-                window, start, probability, False, ended=True, paused=paused, speech_time=stopped
+                window,
+                start,
+                probability,
+                False,
+                ended=True,
+                paused=paused,
+                quiet=quiet,
+                speech_time=stopped,
             )
-        return VadWindow(window, start, probability, True, paused=paused)
+        return VadWindow(window, start, probability, True, paused=paused, quiet=quiet)

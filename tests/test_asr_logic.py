@@ -202,6 +202,17 @@ class ScriptedVad:
         return 0.9 if np.abs(window).mean() > 0.05 else 0.01
 
 
+class LingeringVad(ScriptedVad):
+    """Like Silero: still hears speech for three windows (96 ms) after the audio goes quiet."""
+
+    def __init__(self) -> None:
+        self._since_loud = 99
+
+    def probability(self, window: np.ndarray) -> float:
+        self._since_loud = 0 if super().probability(window) > 0.5 else self._since_loud + 1
+        return 0.9 if self._since_loud <= 3 else 0.01
+
+
 def tone(seconds: float, rate: int = SAMPLE_RATE) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
@@ -243,6 +254,22 @@ def test_vad_pause_shorter_than_hangover_does_not_end_speech():
     assert sum(w.paused for w in windows) == 2
 
 
+def test_vad_marks_the_window_where_the_audio_went_quiet_before_silero_lets_go():
+    vad = VoiceActivityDetector(LingeringVad(), VAD, SAMPLE_RATE)
+    windows = vad.process(np.concatenate([quiet(0.256), tone(1.024), quiet(0.5)]))
+    first_quiet = next(w for w in windows if w.quiet)
+    ended = next(w for w in windows if w.ended)
+    assert first_quiet.start == pytest.approx(1.28) and first_quiet.probability == 0.9
+    assert ended.start - first_quiet.start == pytest.approx(0.032 * 5)  # 3 lingering + hangover
+    assert not any(w.quiet for w in windows if w.start < 1.28)
+
+
+def test_vad_quiet_marks_can_be_turned_off():
+    settings = VadSettings(start_ms=64, hangover_ms=96, webrtc_mode=-1, quiet_ratio=0)
+    vad = VoiceActivityDetector(LingeringVad(), settings, SAMPLE_RATE)
+    assert not any(w.quiet for w in vad.process(np.concatenate([tone(1.024), quiet(0.5)])))
+
+
 class ScriptedDecoder:
     """Returns one word per 0.3 s of audio after the prefix, and records each request."""
 
@@ -258,11 +285,25 @@ class ScriptedDecoder:
         )
 
 
-async def run_stage(chunks: list[np.ndarray], rate: int = SAMPLE_RATE):
+class WholeFailsDecoder(ScriptedDecoder):
+    """A decode of a long window with nothing forced (a whole-segment final) comes back
+    empty, as Whisper's output does when it is rejected as a loop."""
+
+    def __call__(self, request: DecodeRequest) -> Hypothesis:
+        hypothesis = super().__call__(request)
+        long = request.end - request.offset >= 1.2
+        return (
+            Hypothesis([], rejected="repetition loop")
+            if long and not request.prefix
+            else hypothesis
+        )
+
+
+async def run_stage(chunks: list[np.ndarray], rate: int = SAMPLE_RATE, model=None, decoder=None):
     clock = VirtualClock()
     events = []
-    decoder = ScriptedDecoder()
-    vad = VoiceActivityDetector(ScriptedVad(), VAD, rate)
+    decoder = decoder or ScriptedDecoder()
+    vad = VoiceActivityDetector(model or ScriptedVad(), VAD, rate)
     stage = AsrStage(vad, StreamingRecognizer(settings()), decoder, clock, events.append, VAD)
     frame = int(0.02 * rate)
     for chunk in chunks:
@@ -297,6 +338,50 @@ def test_stage_reuses_the_speculative_final_started_in_the_pause():
         r for r in decoder.requests if r.end <= ended.audio_time + 0.2 and r.end >= ended.audio_time
     ]
     assert len(finals) == 1  # the pause's decode served as the final: no second final decode
+
+
+def test_stage_starts_the_final_where_the_audio_went_quiet_not_where_silero_let_go():
+    events, decoder, _ = asyncio.run(run_stage([tone(1.0), quiet(0.5)], model=LingeringVad()))
+    ended = next(e for e in events if isinstance(e, SpeechEnded))
+    final = next(e for e in events if isinstance(e, TranscriptFinal))
+    finals = [r for r in decoder.requests if r.end > 0.95]
+    assert len(finals) == 1  # one final decode, on the audio up to the quiet window
+    assert finals[0].end < ended.audio_time  # started before Silero's end was heard
+    assert final.text == "w0 w1 w2"
+
+
+class LongLingeringVad(LingeringVad):
+    """Hears speech for 320 ms after the audio goes quiet, as it would soft speech."""
+
+    def probability(self, window: np.ndarray) -> float:
+        super().probability(window)
+        return 0.9 if self._since_loud <= 10 else 0.01
+
+
+def test_stage_decodes_again_when_silero_hears_long_after_the_audio_went_quiet():
+    events, decoder, _ = asyncio.run(run_stage([tone(1.0), quiet(0.8)], model=LongLingeringVad()))
+    ended = next(e for e in events if isinstance(e, SpeechEnded))
+    assert ended.audio_time > 1.3
+    assert decoder.requests[-1].end > ended.audio_time  # the final heard the soft audio too
+
+
+def test_stage_drops_the_quiet_guess_when_loud_speech_follows():
+    chunks = [tone(1.0), quiet(0.064), tone(0.9), quiet(0.5)]
+    events, decoder, _ = asyncio.run(run_stage(chunks, model=LingeringVad()))
+    assert sum(isinstance(e, SpeechEnded) for e in events) == 1
+    final = next(e for e in events if isinstance(e, TranscriptFinal))
+    assert decoder.requests[-1].end > 1.96  # the final decode heard the speech after the dip
+    assert len(final.words) >= 6  # a guess from the dip (audio up to ~1.0 s) would give 3
+
+
+def test_a_whole_final_that_comes_back_empty_still_decodes_the_words_after_the_committed():
+    events, decoder, _ = asyncio.run(
+        run_stage([tone(1.5), quiet(0.5)], decoder=WholeFailsDecoder())
+    )
+    final = next(e for e in events if isinstance(e, TranscriptFinal))
+    whole, tail = decoder.requests[-2:]
+    assert not whole.prefix and tail.prefix and tail.end == whole.end
+    assert final.words[-1].end > 1.45  # up to the end of speech, not only the committed words
 
 
 def test_stage_rejects_bad_frames_clearly():

@@ -66,6 +66,10 @@ class VadSettings:
     release_threshold: float = 0.35  # below this a window is silence (hysteresis between)
     start_ms: int = 64  # speech needed before speech-started (ignores clicks)
     hangover_ms: int = 32  # silence before speech-ended (a pause, not yet a turn end)
+    # Silero hears speech for ~100 ms after it stops. A window whose last 16 ms are this much
+    # quieter (RMS) than the segment's loudest window is marked quiet, and the final decode
+    # starts there instead of waiting for Silero. 0 turns it off.
+    quiet_ratio: float = 0.03
     webrtc_mode: int = 1  # pre-gate aggressiveness 0-3 while idle; -1 turns the gate off
 
 
