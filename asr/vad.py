@@ -120,8 +120,10 @@ class VoiceActivityDetector:
         """Inside speech: whether the window ends far quieter than the segment's loudest,
         which Silero only notices ~100 ms later."""
         ratio = self._settings.quiet_ratio
+        if ratio <= 0:
+            return False
         self._loudest = max(self._loudest, _rms(window))
-        return ratio > 0 and _rms(window[-_QUIET_TAIL:]) < ratio * self._loudest
+        return _rms(window[-_QUIET_TAIL:]) < ratio * self._loudest
 
     def _window(self, window: np.ndarray) -> VadWindow:
         start = self.stream_time
