@@ -23,7 +23,8 @@ from asr.whisper import SAMPLE_RATE, DecodeRequest, Hypothesis
 from voice.events import Word
 from voice.settings import AsrSettings
 
-_TRIM_MARGIN_S = 0.1  # audio kept before the last committed word when trimming
+_TRIM_MARGIN_S = 0.1  # kept before the last committed word when trimming; decoded past an end
+_MARGIN_SAMPLES = round(_TRIM_MARGIN_S * SAMPLE_RATE)
 
 
 def join_words(words: list[Word] | tuple[Word, ...]) -> str:
@@ -56,6 +57,7 @@ class StreamingRecognizer:
         self._active = False
         self._pending = 0  # closed segments whose final decode is not back yet
         self._last_end = -(10**9)  # stream sample where the last segment ended
+        self._began = 0  # stream sample where the current segment's speech began
         self._chunks: list[np.ndarray] = []
         self._start = 0  # stream sample index of the buffer's first sample
         self._length = 0
@@ -83,9 +85,9 @@ class StreamingRecognizer:
     def start_segment(self, speech_time: float) -> None:
         """Speech began at ``speech_time`` (stream seconds); its audio was already ``add``ed."""
         began = round(speech_time * SAMPLE_RATE)
-        rejoin = self._pending == 0 and began - self._last_end <= self._rejoin
-        if not rejoin:
+        if began - self._last_end > self._rejoin:
             self._cut(max(0, began - self._pre_roll - self._start))
+        self._began = began
         self._active = True
         self.segment += 1
         self._agreement = LocalAgreement()
@@ -112,15 +114,26 @@ class StreamingRecognizer:
         return audio[:stop]
 
     def _request(self, end_sample: int | None = None) -> DecodeRequest:
-        offset = self._start / SAMPLE_RATE
+        first = self._start
+        if self._pending:
+            # Words of a closed segment whose final is not back are not known yet: a decode
+            # that heard that audio again would write them twice ("Please," "Please enter").
+            first = max(first, min(self._last_end + _MARGIN_SAMPLES, self._began))
+        offset = first / SAMPLE_RATE
         known = self._history + self._agreement.committed
         prefix = tuple(w for w in known if w.end > offset)
         earlier = [w for w in known if w.end <= offset][-self._settings.context_words :]
-        return DecodeRequest(self._window(end_sample).copy(), offset, join_words(earlier), prefix)
+        audio = self._window(end_sample)[first - self._start :]
+        return DecodeRequest(audio.copy(), offset, join_words(earlier), prefix)
 
     def partial_request(self) -> DecodeRequest | None:
-        """A request when a partial interval of new audio has arrived since the last one."""
-        if not self._active or self.end_sample - self._requested_at < self._interval:
+        """A request when a partial interval of new audio has arrived since the last one, and
+        no earlier segment still waits for its final (its words become this one's prefix)."""
+        if (
+            not self._active
+            or self._pending
+            or self.end_sample - self._requested_at < self._interval
+        ):
             return None
         self._requested_at = self.end_sample
         return self._request()

@@ -192,6 +192,22 @@ def test_speech_after_a_short_pause_is_decoded_with_the_audio_before_it():
     assert request.context == "i went to the shop"
 
 
+def test_speech_resuming_while_the_last_final_is_out_never_decodes_its_audio_twice():
+    r = StreamingRecognizer(settings())
+    r.start_segment(0.0)
+    feed(r, 1.0)
+    pending = r.close(1.0)  # its final decode is still running
+    feed(r, 0.2)
+    r.start_segment(1.2)
+    feed(r, 0.3)
+    assert r.partial_request() is None  # its words are this segment's prefix: wait for them
+    early = r.final_request(1.5)  # a segment over before the earlier final is back
+    assert early.offset == pytest.approx(1.1) and early.prefix == ()
+    r.complete(pending, Hypothesis(words("please", start=0.5)))
+    request = r.partial_request()
+    assert request.offset == 0.0 and texts(request.prefix) == ["please"]
+
+
 class ScriptedVad:
     """Stands in for Silero: P(speech) is 0.9 for loud windows, 0.01 for quiet ones."""
 
