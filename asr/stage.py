@@ -19,7 +19,7 @@ from asr.vad import SAMPLE_RATE, SileroVad, VadWindow, VoiceActivityDetector
 from asr.whisper import DecodeRequest, Hypothesis, WhisperDecoder, load_whisper
 from voice.audio import AudioFormatError, check_rate, pcm16_to_float32
 from voice.clock import Clock
-from voice.cpu import CpuGate
+from voice.cpu import CpuGate, single_thread_blas
 from voice.events import (
     AudioFrame,
     Event,
@@ -221,6 +221,7 @@ class AsrModels:
     def __init__(self, settings: Settings, gate: CpuGate | None = None) -> None:
         """``gate``: decodes count as urgent work (someone waits on the transcript)."""
         self.settings = settings
+        single_thread_blas()
         self._gate = gate
         self.vad = SileroVad(resolve("vad", settings).path)
         self.whisper = load_whisper(

@@ -2,8 +2,11 @@
 
 import threading
 
+import numpy as np
+from threadpoolctl import threadpool_info
+
 from voice import cpu
-from voice.cpu import CpuGate
+from voice.cpu import CpuGate, single_thread_blas
 
 
 def test_background_work_waits_until_urgent_work_is_done():
@@ -45,3 +48,10 @@ def test_wrap_runs_the_job_as_urgent_work():
     seen = []
     job = gate.wrap(lambda x: seen.append(gate._urgent) or x * 2)
     assert job(21) == 42 and seen == [1] and gate._urgent == 0
+
+
+def test_single_thread_blas_leaves_numpy_one_blas_thread():
+    np.ones((8, 8)) @ np.ones((8, 8))  # numpy's BLAS is loaded
+    single_thread_blas()
+    blas = [pool for pool in threadpool_info() if pool["user_api"] == "blas"]
+    assert blas and all(pool["num_threads"] == 1 for pool in blas)

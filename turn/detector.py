@@ -33,7 +33,7 @@ from turn.smart_turn import SmartTurnModel
 from turn.text_model import TextTurnModel
 from voice.audio import RingBuffer, check_rate, resample
 from voice.clock import Clock
-from voice.cpu import CpuGate
+from voice.cpu import CpuGate, single_thread_blas
 from voice.events import (
     Event,
     Metric,
@@ -334,6 +334,7 @@ class TurnModels:
     def __init__(self, settings: Settings, gate: CpuGate | None = None) -> None:
         """``gate``: the audio model's runs count as urgent work (the turn waits on them)."""
         self.settings = settings
+        single_thread_blas()
         self.audio = SmartTurnModel(
             resolve("turn-audio", settings).path, settings.turn.audio_model_threads
         )
