@@ -27,7 +27,7 @@ def single_thread_blas() -> None:
     """numpy's BLAS (OpenBLAS) otherwise starts a thread per core that spins after each small
     matrix product (mel filters, features) and takes the other core from whichever model runs
     there: measured inside `eval turn --quick`, smart-turn's ONNX run took a median 70 ms with
-    two BLAS threads and 49 ms with one. The models' own thread budgets are in the settings."""
+    two BLAS threads and 47 ms with one. The models' own thread budgets are in the settings."""
     threadpool_limits(limits=1, user_api="blas")
 
 
