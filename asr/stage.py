@@ -1,11 +1,12 @@
 """The ASR stage: audio frames in; speech start/end, partial and final transcripts out.
 
-VAD runs inline (a fraction of a millisecond per 32 ms window). Decodes run one at a time on
-a single worker thread so the event loop never blocks and the recogniser never takes more
-than its thread budget. The first quiet window inside speech (its energy fallen far below the
-segment's loudest, which Silero only hears ~100 ms later) or the first silent one starts the
-final decode speculatively, so that when the VAD confirms the end the transcript is (nearly)
-ready; if the user goes on, that result is simply dropped.
+VAD runs inline (a fraction of a millisecond per 32 ms window). Decodes run on worker threads
+so the event loop never blocks: partials one at a time on one, finals in order on another, so
+that a final never queues behind a partial that is already stale (the user has stopped).
+The first quiet window inside speech (its energy fallen far below the segment's loudest, which
+Silero only hears ~100 ms later) or the first silent one starts the final decode
+speculatively, so that when the VAD confirms the end the transcript is (nearly) ready; if the
+user goes on, that result is simply dropped.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ class AsrStage:
         clock: Clock,
         emit: Emit,
         vad_settings: VadSettings,
-        executor: Executor | None = None,
     ) -> None:
         self._vad = vad
         self._recognizer = recognizer
@@ -57,9 +57,9 @@ class AsrStage:
         self._clock = clock
         self._emit = emit
         self._threshold = vad_settings.threshold
-        self._owns_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr")
-        self._busy: asyncio.Future[Hypothesis] | None = None  # the one decode in flight
+        self._partial_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-partial")
+        self._final_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-final")
+        self._busy: asyncio.Future[Hypothesis] | None = None  # the partial decode in flight
         self._pause_at: float | None = None
         self._pause_quiet = False  # the pause was guessed from a quiet window, not from Silero
         self._speculation: tuple[DecodeRequest, asyncio.Future[Hypothesis]] | None = None
@@ -100,16 +100,15 @@ class AsrStage:
         else:
             self._schedule()
 
-    def _run(self, request: DecodeRequest, settle: bool = True) -> asyncio.Future[Hypothesis]:
-        """Start one decode on the worker. With ``settle`` the worker counts as free again as
-        soon as it finishes; a partial instead frees it only after its result is applied, so
-        the next request sees the words it committed."""
-        future = asyncio.get_running_loop().run_in_executor(self._executor, self._decode, request)
-        self._busy = future
+    def _run(self, request: DecodeRequest, worker: Executor) -> asyncio.Future[Hypothesis]:
+        future = asyncio.get_running_loop().run_in_executor(worker, self._decode, request)
         future.add_done_callback(self._count)
-        if settle:
-            future.add_done_callback(self._release)
         return future
+
+    def _run_final(self, request: DecodeRequest) -> asyncio.Future[Hypothesis]:
+        """Finals queue in order on their own worker: one segment's words are history before
+        the next segment's final is applied."""
+        return self._run(request, self._final_worker)
 
     def _count(self, future: asyncio.Future[Hypothesis]) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -123,16 +122,20 @@ class AsrStage:
     def _schedule(self) -> None:
         """Start the next decode if the worker is free: a speculative final in a pause,
         otherwise a partial once enough new audio has arrived."""
-        if self._busy is not None or not self._recognizer.active:
+        if not self._recognizer.active:
             return
         if self._pause_at is not None:
             if self._speculation is None:
                 request = self._recognizer.final_request(self._pause_at)
-                self._speculation = (request, self._run(request))
+                self._speculation = (request, self._run_final(request))
+            return
+        if self._busy is not None:
             return
         request = self._recognizer.partial_request()
         if request is not None:
-            future = self._run(request, settle=False)
+            # The partial worker counts as free only once the result is applied, so the next
+            # request sees the words it committed.
+            future = self._busy = self._run(request, self._partial_worker)
             task = asyncio.create_task(self._partial(self._recognizer.segment, future))
             self._partials.add(task)
             task.add_done_callback(self._partials.discard)
@@ -148,7 +151,10 @@ class AsrStage:
             )
             self._release(future)
             return
-        result = self._recognizer.apply_partial(segment, hypothesis)
+        # A final decode of this audio already runs (a pause): it supersedes this partial,
+        # whose newly committed words it would not know about.
+        superseded = self._speculation is not None
+        result = None if superseded else self._recognizer.apply_partial(segment, hypothesis)
         self._release(future)
         if result is not None:
             self._emit(
@@ -170,7 +176,7 @@ class AsrStage:
             future = speculation[1]
         else:
             pending = self._recognizer.close(end_time)
-            future = self._run(pending.request)
+            future = self._run_final(pending.request)
         task = asyncio.create_task(self._final(pending, future))
         self._finals.add(task)
         task.add_done_callback(self._finals.discard)
@@ -179,7 +185,7 @@ class AsrStage:
         hypothesis = await self._final_hypothesis(future)
         if pending.whole and not hypothesis.words:
             pending = self._recognizer.tail_final(pending)
-            hypothesis = await self._final_hypothesis(self._run(pending.request))
+            hypothesis = await self._final_hypothesis(self._run_final(pending.request))
         words = self._recognizer.complete(pending, hypothesis)
         self._emit(
             TranscriptFinal(
@@ -211,8 +217,8 @@ class AsrStage:
 
     async def close(self) -> None:
         await self.flush()
-        if self._owns_executor:
-            self._executor.shutdown(wait=True)
+        self._partial_worker.shutdown(wait=True)
+        self._final_worker.shutdown(wait=True)
 
 
 class AsrModels:

@@ -33,12 +33,15 @@ _MAX_COMPRESSION_RATIO = 2.4  # above this the text is a loop, not speech (Whisp
 
 
 def load_whisper(model_file: Path, threads: int) -> WhisperModel:
-    """``model_file`` is the verified ``model.bin``; its directory holds config and tokenizer."""
+    """``model_file`` is the verified ``model.bin``; its directory holds config and tokenizer.
+    Two replicas, so that a final and a partial (or two streams) decode side by side rather
+    than queue inside CTranslate2; each uses ``threads``."""
     return WhisperModel(
         str(model_file.parent),
         device="cpu",
         compute_type="int8",
         cpu_threads=max(1, threads),
+        num_workers=2,
         local_files_only=True,
     )
 
