@@ -264,45 +264,35 @@ async def test_a_very_long_turn_keeps_only_its_last_words():
     assert len(words) == 300 and words[-1] == "w1999"
 
 
-async def test_a_draft_made_on_the_pause_still_opens_a_turn_that_grew_by_a_word():
+async def drafted_then_ended(drafted: str, final: str) -> Harness:
+    """A draft at a pause on ``drafted``; 0.2 s later the turn ends on ``final``."""
     h = Harness()
-    await h.send(TurnMaybeEnded(t=0, transcript="Do you like", p_complete=0.8))
+    await h.send(TurnMaybeEnded(t=0, transcript=drafted, p_complete=0.8))
     await h.clock.advance(0.2)
-    await h.send(TurnEnded(t=0.2, transcript="Do you like football?", reason="test"))
+    await h.send(TurnEnded(t=0.2, transcript=final, reason="test"))
     await h.run()
+    return h
+
+
+async def test_a_draft_made_on_the_pause_still_opens_a_turn_that_grew_by_a_word():
+    h = await drafted_then_ended("Do you like", "Do you like football?")
     assert h.fast.drafts == ["Do you like"] and h.deltas()[0] == (0.2, "Yes, I love", "prefix")
 
 
 async def test_a_draft_still_opens_a_turn_whose_last_word_the_recogniser_revised():
-    h = Harness()
-    await h.send(TurnMaybeEnded(t=0, transcript="Welcome to the director.", p_complete=0.9))
-    await h.clock.advance(0.2)
-    await h.send(TurnEnded(t=0.2, transcript="Welcome to the directory.", reason="test"))
-    await h.run()
+    h = await drafted_then_ended("Welcome to the director.", "Welcome to the directory.")
     assert h.fast.drafts == ["Welcome to the director."]
     assert h.deltas()[0] == (0.2, "Yes, I love", "prefix")
 
 
-async def test_a_draft_is_not_used_when_the_revised_word_is_another_word_or_too_early():
+async def test_a_draft_made_on_other_words_is_not_used():
     for drafted, final in [
-        ("I think I like it", "I think I hate it"),  # not the same word heard better
+        ("Do you like", "Do you hate tennis and golf"),
+        ("I think I like", "I think I hate it"),  # one word revised, but not heard better
         ("Do you like", "Do you lime"),  # alike, but too few words agree before it
     ]:
-        h = Harness()
-        await h.send(TurnMaybeEnded(t=0, transcript=drafted, p_complete=0.9))
-        await h.clock.advance(0.2)
-        await h.send(TurnEnded(t=0.2, transcript=final, reason="test"))
-        await h.run()
+        h = await drafted_then_ended(drafted, final)
         assert h.fast.drafts == [drafted, final]
-
-
-async def test_a_draft_made_on_other_words_is_not_used():
-    h = Harness()
-    await h.send(TurnMaybeEnded(t=0, transcript="Do you like", p_complete=0.8))
-    await h.clock.advance(0.2)
-    await h.send(TurnEnded(t=0.2, transcript="Do you hate tennis and golf", reason="test"))
-    await h.run()
-    assert h.fast.drafts == ["Do you like", "Do you hate tennis and golf"]
 
 
 async def test_a_draft_starts_while_the_user_speaks_and_the_slow_model_reads_the_words_after_it():
