@@ -120,8 +120,9 @@ class AsrStage:
             self._schedule()
 
     def _schedule(self) -> None:
-        """Start the next decode if the worker is free: a speculative final in a pause,
-        otherwise a partial once enough new audio has arrived."""
+        """Start the next decode: in a pause a speculative final at once (on the final
+        worker, whatever partial is still running), otherwise a partial once the partial
+        worker is free and enough new audio has arrived."""
         if not self._recognizer.active:
             return
         if self._pause_at is not None:

@@ -233,9 +233,8 @@ class Relay:
         revised = len(before) - agreed
         if revised == 1 and agreed >= _AGREED_BEFORE_REVISION and agreed < len(now):
             heard, final = before[agreed], now[agreed]
-            revised = int(
-                difflib.SequenceMatcher(None, heard, final).ratio() < _REVISION_SIMILARITY
-            )
+            if difflib.SequenceMatcher(None, heard, final).ratio() >= _REVISION_SIMILARITY:
+                revised = 0  # the same word, heard better
         missing = len(now) - len(before)
         return revised == 0 and 0 <= missing <= self._settings.speculation_missing_words
 
