@@ -6,7 +6,9 @@ silence, through the same ``AsrModels.stage`` a session uses. Measured per utter
 the finals (WER), when the last final arrived relative to the true end of speech, every
 partial (interval, and how many of its words the final changed), and decoder compute (RTF).
 The offline reference decodes the whole utterance in one ``transcribe`` call with the same
-model and greedy decoding.
+model and greedy decoding, as the streaming decodes do. Without ``temperature=0``,
+``transcribe`` falls back to sampling when a decode looks like a loop, and the reference moved
+between runs of the same code (WER 0.158 and 0.165 in two `--quick` runs).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def offline_transcript(models: AsrModels, utterance: Utterance) -> str:
         audio,
         language="en",
         beam_size=1,
+        temperature=0.0,
         vad_filter=False,
         condition_on_previous_text=False,
         without_timestamps=True,
