@@ -1,8 +1,8 @@
 """The ASR stage: audio frames in; speech start/end, partial and final transcripts out.
 
-VAD runs inline (a fraction of a millisecond per 32 ms window). Decodes run on worker threads
-so the event loop never blocks: partials one at a time on one, finals in order on another, so
-that a final never queues behind a partial that is already stale (the user has stopped).
+VAD runs inline (a fraction of a millisecond per 32 ms window). Decodes go to the models'
+``DecodeQueue``, shared by every stream, so the event loop never blocks: one partial at a time
+per stream, and finals ahead of every stream's partials (someone waits on them).
 The first quiet window inside speech (its energy fallen far below the segment's loudest, which
 Silero only hears ~100 ms later) or the first silent one starts the final decode
 speculatively, so that when the VAD confirms the end the transcript is (nearly) ready; if the
@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Future
+from dataclasses import dataclass
 
+from asr.decode_queue import FINAL, PARTIAL, DecodeQueue
 from asr.recognizer import PendingFinal, StreamingRecognizer, join_words
 from asr.vad import SAMPLE_RATE, SileroVad, VadWindow, VoiceActivityDetector
-from asr.whisper import DecodeRequest, Hypothesis, WhisperDecoder, load_whisper
+from asr.whisper import REPLICAS, DecodeRequest, Hypothesis, WhisperDecoder, load_whisper
 from voice.audio import AudioFormatError, check_rate, pcm16_to_float32
 from voice.clock import Clock
 from voice.cpu import CpuGate, single_thread_blas
@@ -33,7 +35,6 @@ from voice.events import (
 from voice.models import resolve
 from voice.settings import Settings, VadSettings
 
-Decode = Callable[[DecodeRequest], Hypothesis]
 Emit = Callable[[Event], None]
 
 # Silero hears speech for up to ~200 ms after the audio goes quiet (P97 on Asterisk prompts);
@@ -41,28 +42,34 @@ Emit = Callable[[Event], None]
 _QUIET_TRUST_S = 0.25
 
 
+@dataclass(frozen=True)
+class _Decode:
+    request: DecodeRequest
+    result: asyncio.Future[Hypothesis]
+    job: Future[Hypothesis]  # the queued job: cancelling it skips a decode not yet started
+
+
 class AsrStage:
     def __init__(
         self,
         vad: VoiceActivityDetector,
         recognizer: StreamingRecognizer,
-        decode: Decode,
+        decodes: DecodeQueue,
         clock: Clock,
         emit: Emit,
         vad_settings: VadSettings,
     ) -> None:
         self._vad = vad
         self._recognizer = recognizer
-        self._decode = decode
+        self._decodes = decodes
         self._clock = clock
         self._emit = emit
         self._threshold = vad_settings.threshold
-        self._partial_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-partial")
-        self._final_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="asr-final")
         self._busy: asyncio.Future[Hypothesis] | None = None  # the partial decode in flight
         self._pause_at: float | None = None
         self._pause_quiet = False  # the pause was guessed from a quiet window, not from Silero
-        self._speculation: tuple[DecodeRequest, asyncio.Future[Hypothesis]] | None = None
+        self._speculation: _Decode | None = None  # the final decode started at the pause
+        self._last_final: asyncio.Task[None] | None = None
         self._finals: set[asyncio.Task[None]] = set()
         self._partials: set[asyncio.Task[None]] = set()
         self.decode_ms = 0.0  # total decoder compute, for real-time factor reports
@@ -91,7 +98,8 @@ class AsrStage:
         # Still speaking: drop any guess. A guess made on a quiet window, which Silero still
         # heard as speech, goes with any sound at all: quiet words may follow.
         if not window.quiet and (window.probability >= self._threshold or self._pause_quiet):
-            self._pause_at, self._speculation = None, None
+            self._pause_at = None
+            self._drop_speculation()
         if (window.paused or window.quiet) and self._pause_at is None:
             self._pause_at, self._pause_quiet = window.start, not window.paused
         if window.ended:
@@ -100,15 +108,18 @@ class AsrStage:
         else:
             self._schedule()
 
-    def _run(self, request: DecodeRequest, worker: Executor) -> asyncio.Future[Hypothesis]:
-        future = asyncio.get_running_loop().run_in_executor(worker, self._decode, request)
-        future.add_done_callback(self._count)
-        return future
+    def _run(self, request: DecodeRequest, priority: int) -> _Decode:
+        job = self._decodes.submit(request, priority)
+        result = asyncio.wrap_future(job)
+        result.add_done_callback(self._count)
+        return _Decode(request, result, job)
 
-    def _run_final(self, request: DecodeRequest) -> asyncio.Future[Hypothesis]:
-        """Finals queue in order on their own worker: one segment's words are history before
-        the next segment's final is applied."""
-        return self._run(request, self._final_worker)
+    def _drop_speculation(self) -> None:
+        """The user went on: the pause's final decode is not needed (if it has not started,
+        it never runs)."""
+        if self._speculation is not None:
+            self._speculation.job.cancel()
+            self._speculation = None
 
     def _count(self, future: asyncio.Future[Hypothesis]) -> None:
         if not future.cancelled() and future.exception() is None:
@@ -120,23 +131,22 @@ class AsrStage:
             self._schedule()
 
     def _schedule(self) -> None:
-        """Start the next decode: in a pause a speculative final at once (on the final
-        worker, whatever partial is still running), otherwise a partial once the partial
-        worker is free and enough new audio has arrived."""
+        """Start the next decode: in a pause a speculative final at once (ahead of partials,
+        whatever partial is still running), otherwise a partial once this stream's last one
+        is back and enough new audio has arrived."""
         if not self._recognizer.active:
             return
         if self._pause_at is not None:
             if self._speculation is None:
-                request = self._recognizer.final_request(self._pause_at)
-                self._speculation = (request, self._run_final(request))
+                self._speculation = self._run(self._recognizer.final_request(self._pause_at), FINAL)
             return
         if self._busy is not None:
             return
         request = self._recognizer.partial_request()
         if request is not None:
-            # The partial worker counts as free only once the result is applied, so the next
+            # The stream's partial counts as done only once its result is applied, so the next
             # request sees the words it committed.
-            future = self._busy = self._run(request, self._partial_worker)
+            future = self._busy = self._run(request, PARTIAL).result
             task = asyncio.create_task(self._partial(self._recognizer.segment, future))
             self._partials.add(task)
             task.add_done_callback(self._partials.discard)
@@ -168,25 +178,35 @@ class AsrStage:
             )
 
     def _finish(self, end_time: float) -> None:
-        speculation, guessed_at = self._speculation, self._pause_at
+        guessed_at = self._pause_at
         if self._pause_quiet and guessed_at is not None and end_time - guessed_at > _QUIET_TRUST_S:
-            speculation = None  # Silero went on hearing speech that quiet: decode it too
-        self._pause_at, self._speculation = None, None
+            self._drop_speculation()  # Silero went on hearing speech that quiet: decode it too
+        speculation, self._pause_at, self._speculation = self._speculation, None, None
         if speculation is not None:  # nothing but quiet or silence came after its audio
-            pending = self._recognizer.close(end_time, speculation[0])
-            future = speculation[1]
+            pending = self._recognizer.close(end_time, speculation.request)
+            future = speculation.result
         else:
             pending = self._recognizer.close(end_time)
-            future = self._run_final(pending.request)
-        task = asyncio.create_task(self._final(pending, future))
+            future = self._run(pending.request, FINAL).result
+        task = asyncio.create_task(self._final(pending, future, self._last_final))
+        self._last_final = task
         self._finals.add(task)
         task.add_done_callback(self._finals.discard)
 
-    async def _final(self, pending: PendingFinal, future: asyncio.Future[Hypothesis]) -> None:
+    async def _final(
+        self,
+        pending: PendingFinal,
+        future: asyncio.Future[Hypothesis],
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        """Apply a closed segment's final decode once the segment before it is applied: its
+        words must be history first (two finals of one stream may decode side by side)."""
         hypothesis = await self._final_hypothesis(future)
         if pending.whole and not hypothesis.words:
             pending = self._recognizer.tail_final(pending)
-            hypothesis = await self._final_hypothesis(self._run_final(pending.request))
+            hypothesis = await self._final_hypothesis(self._run(pending.request, FINAL).result)
+        if previous is not None:
+            await asyncio.wait([previous])
         words = self._recognizer.complete(pending, hypothesis)
         self._emit(
             TranscriptFinal(
@@ -218,8 +238,6 @@ class AsrStage:
 
     async def close(self) -> None:
         await self.flush()
-        self._partial_worker.shutdown(wait=True)
-        self._final_worker.shutdown(wait=True)
 
 
 class AsrModels:
@@ -229,16 +247,16 @@ class AsrModels:
         """``gate``: decodes count as urgent work (someone waits on the transcript)."""
         self.settings = settings
         single_thread_blas()
-        self._gate = gate
         self.vad = SileroVad(resolve("vad", settings).path)
         self.whisper = load_whisper(
             resolve(settings.asr.model, settings).path, settings.asr.threads
         )
         self.decoder = WhisperDecoder(self.whisper, settings.asr)
+        decode = self.decoder.decode if gate is None else gate.wrap(self.decoder.decode)
+        self.decodes = DecodeQueue(decode, REPLICAS)
 
     def stage(self, clock: Clock, emit: Emit, input_rate: int = SAMPLE_RATE) -> AsrStage:
         """A fresh stage for one audio stream at ``input_rate``."""
         s = self.settings
         vad = VoiceActivityDetector(self.vad.fork(), s.vad, input_rate)
-        decode = self.decoder.decode if self._gate is None else self._gate.wrap(self.decoder.decode)
-        return AsrStage(vad, StreamingRecognizer(s.asr), decode, clock, emit, s.vad)
+        return AsrStage(vad, StreamingRecognizer(s.asr), self.decodes, clock, emit, s.vad)

@@ -32,16 +32,19 @@ _PAD_TOLERANCE_S = 0.02
 _MAX_COMPRESSION_RATIO = 2.4  # above this the text is a loop, not speech (Whisper's own rule)
 
 
+REPLICAS = 2  # copies of the model in memory: decodes that can run side by side
+
+
 def load_whisper(model_file: Path, threads: int) -> WhisperModel:
     """``model_file`` is the verified ``model.bin``; its directory holds config and tokenizer.
-    Two replicas, so that a final and a partial (or two streams) decode side by side rather
-    than queue inside CTranslate2; each uses ``threads``."""
+    ``REPLICAS`` replicas, so that a final and a partial (or two streams) decode side by side
+    rather than queue inside CTranslate2; each uses ``threads``."""
     return WhisperModel(
         str(model_file.parent),
         device="cpu",
         compute_type="int8",
         cpu_threads=max(1, threads),
-        num_workers=2,
+        num_workers=REPLICAS,
         local_files_only=True,
     )
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from asr.agreement import LocalAgreement, common_prefix, drop_repeats, normalize_word, trim_echo
+from asr.decode_queue import DecodeQueue
 from asr.recognizer import StreamingRecognizer
 from asr.stage import AsrStage
 from asr.vad import WINDOW, VoiceActivityDetector
@@ -320,7 +321,8 @@ async def run_stage(chunks: list[np.ndarray], rate: int = SAMPLE_RATE, model=Non
     events = []
     decoder = decoder or ScriptedDecoder()
     vad = VoiceActivityDetector(model or ScriptedVad(), VAD, rate)
-    stage = AsrStage(vad, StreamingRecognizer(settings()), decoder, clock, events.append, VAD)
+    decodes = DecodeQueue(decoder, workers=2)
+    stage = AsrStage(vad, StreamingRecognizer(settings()), decodes, clock, events.append, VAD)
     frame = int(0.02 * rate)
     for chunk in chunks:
         for i in range(0, len(chunk), frame):
@@ -331,6 +333,7 @@ async def run_stage(chunks: list[np.ndarray], rate: int = SAMPLE_RATE, model=Non
             for _ in range(3):  # let the worker thread's results come back
                 await asyncio.sleep(0.001)
     await stage.close()
+    decodes.close()
     return events, decoder, stage
 
 
@@ -405,7 +408,7 @@ def test_stage_rejects_bad_frames_clearly():
         stage = AsrStage(
             VoiceActivityDetector(ScriptedVad(), VAD, 16000),
             StreamingRecognizer(settings()),
-            ScriptedDecoder(),
+            DecodeQueue(ScriptedDecoder(), workers=1),
             VirtualClock(),
             lambda e: None,
             VAD,
