@@ -65,7 +65,7 @@ class AsrStage:
         self._clock = clock
         self._emit = emit
         self._threshold = vad_settings.threshold
-        self._busy: asyncio.Future[Hypothesis] | None = None  # the partial decode in flight
+        self._busy: _Decode | None = None  # this stream's partial decode in flight
         self._pause_at: float | None = None
         self._pause_quiet = False  # the pause was guessed from a quiet window, not from Silero
         self._speculation: _Decode | None = None  # the final decode started at the pause
@@ -125,8 +125,8 @@ class AsrStage:
         if not future.cancelled() and future.exception() is None:
             self.decode_ms += future.result().compute_ms
 
-    def _release(self, future: asyncio.Future[Hypothesis]) -> None:
-        if future is self._busy:
+    def _release(self, partial: _Decode) -> None:
+        if partial is self._busy:
             self._busy = None
             self._schedule()
 
@@ -146,27 +146,31 @@ class AsrStage:
         if request is not None:
             # The stream's partial counts as done only once its result is applied, so the next
             # request sees the words it committed.
-            future = self._busy = self._run(request, PARTIAL).result
-            task = asyncio.create_task(self._partial(self._recognizer.segment, future))
+            partial = self._busy = self._run(request, PARTIAL)
+            task = asyncio.create_task(self._partial(self._recognizer.segment, partial))
             self._partials.add(task)
             task.add_done_callback(self._partials.discard)
 
-    async def _partial(self, segment: int, future: asyncio.Future[Hypothesis]) -> None:
+    async def _partial(self, segment: int, partial: _Decode) -> None:
+        await asyncio.wait([partial.result])
+        if partial.result.cancelled():  # its segment ended before it could start
+            self._release(partial)
+            return
         try:
-            hypothesis = await future
+            hypothesis = partial.result.result()
         except Exception as exc:  # a failed partial is reported; the final decode still runs
             self._emit(
                 StageError(
                     t=self._clock.now(), stage="asr", message=f"partial decode failed: {exc}"
                 )
             )
-            self._release(future)
+            self._release(partial)
             return
         # A final decode of this audio already runs (a pause): it supersedes this partial,
         # whose newly committed words it would not know about.
         superseded = self._speculation is not None
         result = None if superseded else self._recognizer.apply_partial(segment, hypothesis)
-        self._release(future)
+        self._release(partial)
         if result is not None:
             self._emit(
                 TranscriptPartial(
@@ -182,6 +186,8 @@ class AsrStage:
         if self._pause_quiet and guessed_at is not None and end_time - guessed_at > _QUIET_TRUST_S:
             self._drop_speculation()  # Silero went on hearing speech that quiet: decode it too
         speculation, self._pause_at, self._speculation = self._speculation, None, None
+        if self._busy is not None:  # a partial of the closed segment would only be dropped
+            self._busy.job.cancel()
         if speculation is not None:  # nothing but quiet or silence came after its audio
             pending = self._recognizer.close(end_time, speculation.request)
             future = speculation.result

@@ -532,3 +532,49 @@ def test_a_streams_finals_are_applied_in_order_when_they_come_back_out_of_order(
 
     first, second = asyncio.run(main())
     assert first.words[0].start < 0.9 < second.words[0].start
+
+
+class StuckPartials:
+    """Finals decode at once; partials wait until cancelled (every worker is busy elsewhere)."""
+
+    def __init__(self) -> None:
+        self.decoder = ScriptedDecoder()
+        self.partials: list[Future[Hypothesis]] = []
+
+    def submit(self, r: DecodeRequest, priority: int) -> Future[Hypothesis]:
+        future: Future[Hypothesis] = Future()
+        if priority == PARTIAL:
+            self.partials.append(future)
+        else:
+            future.set_running_or_notify_cancel()
+            future.set_result(self.decoder(r))
+        return future
+
+
+def test_a_partial_still_waiting_when_its_segment_ends_is_cancelled():
+    async def main() -> tuple[StuckPartials, list]:
+        clock, events, queue = VirtualClock(), [], StuckPartials()
+        stage = AsrStage(
+            VoiceActivityDetector(ScriptedVad(), VAD, SAMPLE_RATE),
+            StreamingRecognizer(settings()),
+            queue,
+            clock,
+            events.append,
+            VAD,
+        )
+        audio = np.concatenate([tone(0.9), quiet(2.0), tone(0.6), quiet(0.6)])  # two segments
+        for i in range(0, len(audio), 320):
+            frame = AudioFrame(t=clock.now(), samples=audio[i : i + 320], sample_rate=SAMPLE_RATE)
+            await stage.push(frame)
+            await clock.advance(0.02)
+            await asyncio.sleep(0)
+        cancelled = [job.cancelled() for job in queue.partials]
+        for job in queue.partials:  # so that close() cannot wait on one forever
+            if job.set_running_or_notify_cancel():
+                job.set_result(Hypothesis([]))
+        await stage.close()
+        return cancelled, events
+
+    cancelled, events = asyncio.run(main())
+    assert cancelled == [True, True]  # one per segment: the first one's end freed the stream
+    assert sum(isinstance(e, TranscriptFinal) for e in events) == 2
