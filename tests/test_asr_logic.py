@@ -506,23 +506,30 @@ class HeldFinals:
         return future
 
 
+async def two_segments(queue: object, events: list) -> AsrStage:
+    """A stage on ``queue`` that has heard two segments of speech far apart, frame by frame."""
+    clock = VirtualClock()
+    stage = AsrStage(
+        VoiceActivityDetector(ScriptedVad(), VAD, SAMPLE_RATE),
+        StreamingRecognizer(settings()),
+        queue,
+        clock,
+        events.append,
+        VAD,
+    )
+    audio = np.concatenate([tone(0.9), quiet(2.0), tone(0.6), quiet(0.6)])
+    for i in range(0, len(audio), 320):
+        frame = AudioFrame(t=clock.now(), samples=audio[i : i + 320], sample_rate=SAMPLE_RATE)
+        await stage.push(frame)
+        await clock.advance(0.02)
+        await asyncio.sleep(0)
+    return stage
+
+
 def test_a_streams_finals_are_applied_in_order_when_they_come_back_out_of_order():
     async def main() -> list[TranscriptFinal]:
-        clock, events, queue = VirtualClock(), [], HeldFinals()
-        stage = AsrStage(
-            VoiceActivityDetector(ScriptedVad(), VAD, SAMPLE_RATE),
-            StreamingRecognizer(settings()),
-            queue,
-            clock,
-            events.append,
-            VAD,
-        )
-        audio = np.concatenate([tone(0.9), quiet(2.0), tone(0.6), quiet(0.6)])  # two segments
-        for i in range(0, len(audio), 320):
-            await stage.push(
-                AudioFrame(t=clock.now(), samples=audio[i : i + 320], sample_rate=SAMPLE_RATE)
-            )
-            await clock.advance(0.02)
+        events, queue = [], HeldFinals()
+        stage = await two_segments(queue, events)
         assert len(queue.held) == 2  # both segments' finals are out, neither is back
         for future, result in reversed(queue.held):  # the second comes back first
             future.set_result(result)
@@ -552,22 +559,9 @@ class StuckPartials:
 
 
 def test_a_partial_still_waiting_when_its_segment_ends_is_cancelled():
-    async def main() -> tuple[StuckPartials, list]:
-        clock, events, queue = VirtualClock(), [], StuckPartials()
-        stage = AsrStage(
-            VoiceActivityDetector(ScriptedVad(), VAD, SAMPLE_RATE),
-            StreamingRecognizer(settings()),
-            queue,
-            clock,
-            events.append,
-            VAD,
-        )
-        audio = np.concatenate([tone(0.9), quiet(2.0), tone(0.6), quiet(0.6)])  # two segments
-        for i in range(0, len(audio), 320):
-            frame = AudioFrame(t=clock.now(), samples=audio[i : i + 320], sample_rate=SAMPLE_RATE)
-            await stage.push(frame)
-            await clock.advance(0.02)
-            await asyncio.sleep(0)
+    async def main() -> tuple[list[bool], list]:
+        events, queue = [], StuckPartials()
+        stage = await two_segments(queue, events)
         cancelled = [job.cancelled() for job in queue.partials]
         for job in queue.partials:  # so that close() cannot wait on one forever
             if job.set_running_or_notify_cancel():
