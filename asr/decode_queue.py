@@ -5,7 +5,7 @@ stream used to have worker threads of its own, so with two conversations up to f
 asked the model's two replicas at once and a final waited behind the other stream's partials
 in CTranslate2's own first-come queue. Here as many threads as the model has replicas take the
 most urgent decode first (in order of arrival within a kind), and a decode cancelled while it
-waits (a speculative final the user talked over) is never run.
+waits (a speculative final the user talked over, a partial whose segment has ended) never runs.
 """
 
 from __future__ import annotations
