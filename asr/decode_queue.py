@@ -22,7 +22,7 @@ Decode = Callable[[DecodeRequest], Hypothesis]
 
 FINAL, PARTIAL = 0, 1  # priorities: lower runs first
 
-_Job = tuple[int, int, DecodeRequest | None, "Future[Hypothesis] | None"]
+_Job = tuple[int, int, DecodeRequest | None, Future[Hypothesis] | None]  # None, None: stop
 
 
 class DecodeQueue:
